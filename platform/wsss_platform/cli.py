@@ -1,0 +1,111 @@
+"""The ``wsss`` command line. Imports are lazy so ``wsss --help`` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+
+def _progress(label: str):
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] > 0.5:
+            last[0] = now
+            print(f"\r{label}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    return report
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from wsss_platform.datasets.demo import write_demo_dataset
+
+    splits = write_demo_dataset(args.out, args.layout, args.num_images, args.seed,
+                                progress=_progress(f"writing {args.layout} demo data"))
+    print(f"wrote {args.num_images} images ({', '.join(f'{k}: {len(v)}' for k, v in splits.items())}) "
+          f"in {args.layout} layout to {args.out}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from wsss_platform.datasets import DatasetConfig
+    from wsss_platform.datasets.check import check_dataset
+
+    cfg = DatasetConfig(uri=args.uri, layout=args.layout, split=args.split, labels_from=args.labels_from,
+                        limit=args.limit)
+    report = check_dataset(cfg)
+    print(report.format(max_problems=args.max_problems))
+    return 0 if report.ok else 1
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from wsss_platform import tracking
+
+    cmd = tracking.ui_command(args.host, args.port)
+    print(f"MLflow UI on http://{args.host}:{args.port} over {tracking.tracking_uri()} (Ctrl-C to stop)", flush=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from wsss_platform.demo import run_demo
+
+    return run_demo(args.workdir, num_images=args.num_images)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised semantic segmentation on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo-data", help="write a synthetic dataset with exact ground truth (VOC or COCO format)")
+    d.add_argument("--layout", choices=["voc", "coco"], default="voc")
+    d.add_argument("--out", required=True, help="output URI: a local path or s3://bucket/prefix")
+    d.add_argument("--num-images", type=int, default=100)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo_data)
+
+    data = sub.add_parser("data", help="dataset tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("check", help="validate a dataset; exit 1 when problems are found")
+    c.add_argument("uri", help="dataset root: a local path or s3://bucket/prefix")
+    c.add_argument("--layout", choices=["voc", "coco"], default="voc")
+    c.add_argument("--split", default="train")
+    c.add_argument("--labels-from", choices=["auto", "xml", "mask"], default="auto")
+    c.add_argument("--limit", type=int, default=None, help="check only the first N images")
+    c.add_argument("--max-problems", type=int, default=50, help="problems to print (all are counted)")
+    c.set_defaults(func=cmd_data_check)
+
+    u = sub.add_parser("ui", help="open the MLflow UI on the local tracking store")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
+
+    dm = sub.add_parser("demo", help="run the end-to-end demo on generated data (what `make demo` runs)")
+    dm.add_argument("--workdir", default=".")
+    dm.add_argument("--num-images", type=int, default=40)
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wsss_platform.config import ConfigError
+    from wsss_platform.datasets.base import DatasetError
+    from wsss_platform.storage import StorageError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DatasetError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Dataset readers (VOC, COCO), the synthetic demo generator and ``wsss data check``."""
+
+from __future__ import annotations
+
+from wsss_platform.datasets.base import Dataset, DatasetConfig, DatasetError, Row
+from wsss_platform.datasets.coco import COCODataset
+from wsss_platform.datasets.voc import VOCDataset
+
+
+def open_dataset(cfg: DatasetConfig) -> Dataset:
+    """Open the split named by ``cfg`` (layout ``voc`` or ``coco``) on any URI."""
+    if cfg.layout == "voc":
+        return VOCDataset(cfg.uri, cfg.split, cfg.labels_from, cfg.storage, cfg.limit)
+    return COCODataset(cfg.uri, cfg.split, cfg.storage, cfg.limit)
+
+
+__all__ = ["COCODataset", "Dataset", "DatasetConfig", "DatasetError", "Row", "VOCDataset", "open_dataset"]

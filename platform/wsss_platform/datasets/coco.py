@@ -1,0 +1,140 @@
+"""COCO layout: ``annotations/instances_<split>.json`` plus an image folder.
+
+Category ids map to contiguous labels 1..C in ascending id order; the mapping is recorded with
+every output (``class_mapping``). Semantic masks are rendered from the instance segmentations
+(polygons or RLE) with pycocotools: larger instances first so smaller ones stay visible on top,
+crowd regions 255 (ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from wsss_core.classes import COCO_SYNONYMS, ClassSet
+from wsss_platform import storage
+from wsss_platform.datasets.base import DatasetError, Row, decode_image
+from wsss_platform.storage import StorageOptions
+
+
+def annotation_uri(root: str, split: str) -> str:
+    return storage.join(root, "annotations", f"instances_{split}.json")
+
+
+def segmentation_to_mask(segm: Any, h: int, w: int) -> np.ndarray:
+    """A COCO ``segmentation`` (polygon list, RLE or uncompressed RLE) -> bool [h, w]."""
+    if isinstance(segm, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+    elif isinstance(segm.get("counts"), list):
+        rle = mask_utils.frPyObjects(segm, h, w)
+    else:
+        rle = segm
+    return mask_utils.decode(rle).astype(bool)
+
+
+class COCODataset:
+    layout = "coco"
+
+    def __init__(self, root: str, split: str = "train", options: StorageOptions | None = None,
+                 limit: int | None = None) -> None:
+        self.uri, self.split, self.options = root.rstrip("/"), split, options
+        ann_uri = annotation_uri(self.uri, split)
+        if not storage.exists(ann_uri, options):
+            found = [n for n in storage.list_names(storage.join(self.uri, "annotations"), options) if n.endswith(".json")]
+            raise DatasetError(
+                f"annotation file not found: {ann_uri} (found: {', '.join(found) or 'nothing'}); "
+                "COCO layout expects annotations/instances_<split>.json"
+            )
+        self.ann_uri = ann_uri
+        try:
+            data = json.loads(storage.read_bytes(ann_uri, options))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{ann_uri} is not valid JSON: {e}") from None
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise DatasetError(f"{ann_uri} has no '{key}' list; is it a COCO instances file?")
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        self.category_ids = [int(c["id"]) for c in cats]
+        self.label_of_category = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        names = tuple(str(c["name"]) for c in cats)
+        try:
+            self.classes = ClassSet(names, {k: v for k, v in COCO_SYNONYMS.items() if k in names})
+        except ValueError as e:
+            raise DatasetError(f"{ann_uri}: categories: {e}") from None
+        self.images: dict[str, dict[str, Any]] = {}
+        self._coco_id: dict[int, str] = {}
+        for im in data["images"]:
+            image_id = os.path.splitext(os.path.basename(im["file_name"]))[0]
+            self.images[image_id] = im
+            self._coco_id[int(im["id"])] = image_id
+        self.anns: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.orphan_annotations: list[int] = []
+        for ann in data["annotations"]:
+            image_id = self._coco_id.get(int(ann["image_id"]))
+            if image_id is None:
+                self.orphan_annotations.append(int(ann.get("id", -1)))
+            else:
+                self.anns[image_id].append(ann)
+        self.ids = sorted(self.images)
+        if limit is not None:
+            self.ids = self.ids[:limit]
+        self.image_dir = self._find_image_dir()
+
+    def _find_image_dir(self) -> str:
+        for cand in (storage.join(self.uri, "images", self.split), storage.join(self.uri, self.split),
+                     storage.join(self.uri, "images")):
+            if storage.isdir(cand, self.options):
+                return cand
+        return storage.join(self.uri, "images")
+
+    def image_uri(self, image_id: str) -> str:
+        return storage.join(self.image_dir, self.images[image_id]["file_name"])
+
+    def has_masks(self) -> bool:
+        return True
+
+    def class_mapping(self) -> dict[str, Any]:
+        return {
+            "layout": "coco",
+            "classes": list(self.classes.names),
+            "category_id_to_label": {str(k): v for k, v in self.label_of_category.items()},
+        }
+
+    def unknown_categories(self, image_id: str) -> list[int]:
+        return sorted({int(a["category_id"]) for a in self.anns.get(image_id, [])} - set(self.label_of_category))
+
+    def labels(self, image_id: str) -> list[int]:
+        bad = self.unknown_categories(image_id)
+        if bad:
+            raise DatasetError(f"{self.ann_uri}: image {image_id} has annotations of unknown category ids {bad}")
+        return sorted({self.label_of_category[int(a["category_id"])] for a in self.anns.get(image_id, [])
+                       if not a.get("iscrowd", 0)})
+
+    def render_mask(self, image_id: str) -> np.ndarray:
+        im = self.images[image_id]
+        h, w = int(im["height"]), int(im["width"])
+        mask = np.zeros((h, w), dtype=np.uint8)
+        anns = sorted(self.anns.get(image_id, []), key=lambda a: -float(a.get("area", 0)))
+        for ann in anns:
+            region = segmentation_to_mask(ann["segmentation"], h, w)
+            if ann.get("iscrowd", 0):
+                mask[region] = 255
+            else:
+                mask[region] = self.label_of_category[int(ann["category_id"])]
+        return mask
+
+    def load(self, image_id: str) -> Row:
+        uri = self.image_uri(image_id)
+        image = decode_image(storage.read_bytes(uri, self.options), uri)
+        im = self.images[image_id]
+        if image.shape[:2] != (int(im["height"]), int(im["width"])):
+            raise DatasetError(
+                f"image {uri} is {image.shape[1]}x{image.shape[0]} but {self.ann_uri} says "
+                f"{im['width']}x{im['height']} (w x h)"
+            )
+        return Row(image_id, image, self.labels(image_id), self.render_mask(image_id))

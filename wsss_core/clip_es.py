@@ -1,0 +1,224 @@
+"""CLIP-ES end to end for a batch: images + labels -> CAMs, CAA-refined CAMs, pseudo masks.
+
+This is the call the labeling actors make. Images are grouped by size; within a group one
+forward gives the last block's input and the CAA attention, one backward gives Softmax-GradCAMs
+of every present class, and refinement runs batched. :func:`refine_from_cache` repeats only the
+refinement and masking from cached CAMs and attention, so a sweep over refinement settings never
+reruns the backbone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss_core.cams.softmax_gradcam import softmax_gradcam
+from wsss_core.masks import cams_to_mask, confidence_mask
+from wsss_core.models.clip import ClipViT
+from wsss_core.prompts import PromptSet, TextFeatureCache
+from wsss_core.refine.caa import affinity, box_masks, caa_refine, minmax_normalize
+from wsss_core.refine.crf import dense_crf
+from wsss_core.registry import CAM_SOURCES
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CAAParams:
+    """CAA settings (reference defaults: all 8 last blocks, box 0.4 VOC / 0.7 COCO, t 2, 3 rounds)."""
+
+    enabled: bool = True
+    attn_layers: int = 8
+    box_threshold: float = 0.4
+    t: int = 2
+    sinkhorn_rounds: int = 3
+
+
+@dataclass(frozen=True)
+class MaskParams:
+    """Pseudo-mask settings: background rule and value, CGL confidence mu, optional dense CRF."""
+
+    bg_rule: Literal["threshold", "power"] = "threshold"
+    bg_value: float = 0.5
+    mu: float = 0.95
+    crf: bool = False
+    crf_iterations: int = 10
+
+    def rule(self) -> dict[str, float]:
+        return {"bg_threshold": self.bg_value} if self.bg_rule == "threshold" else {"bg_power": self.bg_value}
+
+
+@dataclass
+class ImageResult:
+    """One image's outputs (CPU tensors).
+
+    Attributes:
+        labels: the K present classes (1-based).
+        cams: raw Softmax-GradCAMs [K, h, w] float32 in [0, 1].
+        attn: averaged attention among patches [N, N] (the refinement cache).
+        refined: CAA-refined CAMs [K, h, w] in [0, 1] (equal to ``cams`` when CAA is off).
+        scores: upsampled class scores [K, H, W] (refined CAMs, or CRF posteriors).
+        mask_raw: uint8 [H, W] from the raw CAMs.
+        mask: uint8 [H, W] from the refined scores.
+        mask_conf: uint8 [H, W], ``mask`` with 255 where Conf < mu.
+        class_scores: softmax scores of the present classes [K] (for sharpness).
+    """
+
+    labels: list[int]
+    cams: torch.Tensor
+    attn: torch.Tensor
+    refined: torch.Tensor
+    scores: torch.Tensor
+    mask_raw: torch.Tensor
+    mask: torch.Tensor
+    mask_conf: torch.Tensor
+    class_scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+
+def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[..., h, w] -> [..., H, W], bilinear."""
+    if maps.numel() == 0:
+        return maps.new_zeros(*maps.shape[:-2], *size)
+    lead = maps.shape[:-2]
+    out = F.interpolate(maps.reshape(-1, 1, *maps.shape[-2:]).float(), size=size, mode="bilinear", align_corners=False)
+    return out.view(*lead, *size)
+
+
+def _masks(image: np.ndarray | None, labels: list[int], raw_hr: torch.Tensor, scores: torch.Tensor,
+           params: MaskParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, mask_raw, mask, mask_conf) for one image from upsampled maps [K, H, W]."""
+    rule = params.rule()
+    mask_raw = cams_to_mask(raw_hr, labels, **rule)
+    if params.crf:
+        if image is None:
+            raise ValueError("CRF needs the image")
+        bg = raw_hr.new_full((1, *scores.shape[1:]), params.bg_value) if params.bg_rule == "threshold" else \
+            (1 - (scores.amax(0, keepdim=True) if len(labels) else torch.zeros_like(scores[:1]))).pow(params.bg_value)
+        q = dense_crf(image, torch.cat([bg, scores]), iterations=params.crf_iterations)
+        lut = torch.tensor([0, *labels], dtype=torch.uint8, device=q.device)
+        mask = lut[q.argmax(0)]
+        scores = q[1:]
+    else:
+        mask = cams_to_mask(scores, labels, **rule)
+    return scores, mask_raw, mask, confidence_mask(scores, mask, params.mu)
+
+
+def refine_group(cams: list[torch.Tensor], attn: torch.Tensor, params: CAAParams) -> list[torch.Tensor]:
+    """CAA for images of one grid size.
+
+    Args:
+        cams: per image [K_i, h, w] in [0, 1]; attn: [B, N, N].
+
+    Returns:
+        per image refined [K_i, h, w].
+    """
+    if not params.enabled:
+        return cams
+    b = len(cams)
+    h, w = cams[0].shape[-2:] if cams else (0, 0)
+    k_max = max((c.shape[0] for c in cams), default=0)
+    if k_max == 0:
+        return cams
+    padded = attn.new_zeros(b, k_max, h * w, dtype=torch.float32)
+    for i, c in enumerate(cams):
+        padded[i, : c.shape[0]] = c.flatten(1)
+    boxes = box_masks(padded.view(b * k_max, h, w), params.box_threshold).view(b, k_max, h * w)
+    refined = caa_refine(padded, affinity(attn, params.t, params.sinkhorn_rounds), boxes).view(b, k_max, h, w)
+    return [refined[i, : c.shape[0]] for i, c in enumerate(cams)]
+
+
+def refine_from_cache(cams: torch.Tensor, attn: torch.Tensor, labels: list[int], size: tuple[int, int],
+                      caa_params: CAAParams, mask_params: MaskParams, image: np.ndarray | None = None,
+                      class_scores: torch.Tensor | None = None) -> ImageResult:
+    """Refinement and masks from cached CAMs [K, h, w] and attention [N, N]: no backbone."""
+    refined = refine_group([cams.float()], attn.float()[None], caa_params)[0]
+    raw_hr, hr = _upsample(cams.float(), size), _upsample(refined, size)
+    scores, mask_raw, mask, mask_conf = _masks(image, labels, raw_hr, hr, mask_params)
+    return ImageResult(list(labels), cams, attn, refined, scores, mask_raw, mask, mask_conf,
+                       class_scores if class_scores is not None else torch.zeros(len(labels)))
+
+
+@CAM_SOURCES.register("clip_es")
+class ClipES:
+    """CLIP-ES as a batch callable.
+
+    Args:
+        model: the CLIP ViT (on its device).
+        prompts: the prompt set (foreground in label order, then background).
+        caa: CAA settings; masks: mask settings.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; half precision wants a GPU).
+        batch_size: images per forward within a size group.
+    """
+
+    def __init__(self, model: ClipViT, prompts: PromptSet, caa: CAAParams = CAAParams(),
+                 masks: MaskParams = MaskParams(), precision: Precision = "fp32", batch_size: int = 32) -> None:
+        self.model, self.prompts, self.caa, self.masks = model, prompts, caa, masks
+        self.autocast = _DTYPES[precision]
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self._text = TextFeatureCache()
+
+    def text_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._text.get(self.model, self.prompts)
+
+    def backbone(self, images: torch.Tensor, labels: list[list[int]]) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        """CAMs and attention for images of one size.
+
+        Args:
+            images: uint8 [B, H, W, 3] on any device.
+            labels: per image its present classes.
+
+        Returns:
+            cams: per image [K_i, h, w] min–max normalised; attn: [B, N, N] float32;
+            class_scores: per image [K_i] softmax scores of its present classes.
+        """
+        fg, bg = self.text_features()
+        pixels = self.model.preprocess(images.to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            x_last, attn, (h, w) = self.model.forward_features(pixels, self.caa.attn_layers)
+        flat, scores, img = softmax_gradcam(self.model, x_last, fg, bg, labels, self.autocast)
+        flat = minmax_normalize(flat, dims=1).view(-1, h, w)
+        counts = [len(ls) for ls in labels]
+        cams = list(flat.split(counts))
+        return cams, attn.float(), [scores[i, : counts[i]] for i in range(len(labels))]
+
+    def __call__(self, images: Sequence[np.ndarray | torch.Tensor], labels: Sequence[Sequence[int]]) -> list[ImageResult]:
+        """Run CLIP-ES on a batch of images of any sizes.
+
+        Args:
+            images: uint8 [H_i, W_i, 3] each.
+            labels: per image its present classes (1-based); an empty list gives an all-background mask.
+
+        Returns:
+            one :class:`ImageResult` per image, in input order, tensors on the CPU.
+        """
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} label lists")
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, im in enumerate(images):
+            if im.ndim != 3 or im.shape[2] != 3:
+                raise ValueError(f"image {i} has shape {tuple(im.shape)}; expected [H, W, 3] uint8")
+            groups[(int(im.shape[0]), int(im.shape[1]))].append(i)
+        out: list[ImageResult | None] = [None] * len(images)
+        for size, idx in groups.items():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start: start + self.batch_size]
+                batch = torch.stack([torch.as_tensor(np.asarray(images[i])) for i in chunk])
+                chunk_labels = [sorted(int(c) for c in labels[i]) for i in chunk]
+                cams, attn, cls_scores = self.backbone(batch, chunk_labels)
+                refined = refine_group(cams, attn, self.caa)
+                for j, i in enumerate(chunk):
+                    raw_hr, hr = _upsample(cams[j], size), _upsample(refined[j], size)
+                    img_np = np.asarray(images[i]) if self.masks.crf else None
+                    scores, mask_raw, mask, mask_conf = _masks(img_np, chunk_labels[j], raw_hr, hr, self.masks)
+                    out[i] = ImageResult(
+                        chunk_labels[j], cams[j].cpu(), attn[j].cpu(), refined[j].cpu(), scores.cpu(),
+                        mask_raw.cpu(), mask.cpu(), mask_conf.cpu(), cls_scores[j].cpu())
+        return out  # type: ignore[return-value]

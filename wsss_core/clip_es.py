@@ -91,6 +91,15 @@ def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.view(*lead, *size)
 
 
+def _pad(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Per image [K_i, h, w] -> [B, K_max, h, w] (zeros past K_i)."""
+    k_max = max(m.shape[0] for m in maps)
+    out = maps[0].new_zeros(len(maps), k_max, *maps[0].shape[-2:])
+    for i, m in enumerate(maps):
+        out[i, : m.shape[0]] = m
+    return out
+
+
 def _masks(image: np.ndarray | None, labels: list[int], raw_hr: torch.Tensor, scores: torch.Tensor,
            params: MaskParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scores, mask_raw, mask, mask_conf) for one image from upsampled maps [K, H, W]."""
@@ -183,7 +192,7 @@ class ClipES:
         pixels = self.model.preprocess(images.to(self.device, non_blocking=True))
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             x_last, attn, (h, w) = self.model.forward_features(pixels, self.caa.attn_layers)
-        flat, scores, img = softmax_gradcam(self.model, x_last, fg, bg, labels, self.autocast)
+        flat, scores, _ = softmax_gradcam(self.model, x_last, fg, bg, labels, self.autocast)
         flat = minmax_normalize(flat, dims=1).view(-1, h, w)
         counts = [len(ls) for ls in labels]
         cams = list(flat.split(counts))
@@ -214,10 +223,12 @@ class ClipES:
                 chunk_labels = [sorted(int(c) for c in labels[i]) for i in chunk]
                 cams, attn, cls_scores = self.backbone(batch, chunk_labels)
                 refined = refine_group(cams, attn, self.caa)
+                raw_hr, ref_hr = _upsample(_pad(cams), size), _upsample(_pad(refined), size)
                 for j, i in enumerate(chunk):
-                    raw_hr, hr = _upsample(cams[j], size), _upsample(refined[j], size)
+                    k = len(chunk_labels[j])
                     img_np = np.asarray(images[i]) if self.masks.crf else None
-                    scores, mask_raw, mask, mask_conf = _masks(img_np, chunk_labels[j], raw_hr, hr, self.masks)
+                    scores, mask_raw, mask, mask_conf = _masks(img_np, chunk_labels[j], raw_hr[j, :k], ref_hr[j, :k],
+                                                               self.masks)
                     out[i] = ImageResult(
                         chunk_labels[j], cams[j].cpu(), attn[j].cpu(), refined[j].cpu(), scores.cpu(),
                         mask_raw.cpu(), mask.cpu(), mask_conf.cpu(), cls_scores[j].cpu())

@@ -125,7 +125,7 @@ class ClipViT(torch.nn.Module):
         self.width = int(visual.conv1.out_channels)
         self.num_heads = int(self.blocks[-1].attn.num_heads)
         pe = visual.positional_embedding
-        self.base_grid = int(round(math.sqrt(pe.shape[0] - 1)))
+        self.base_grid = round(math.sqrt(pe.shape[0] - 1))
         mean = getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN
         std = getattr(visual, "image_std", None) or OPENAI_DATASET_STD
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

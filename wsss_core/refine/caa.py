@@ -60,11 +60,10 @@ def connected_components(fg: torch.Tensor) -> torch.Tensor:
         new = torch.where(mask, F.max_pool2d(lab, 3, stride=1, padding=1), lab)
         step += 1
         # Convergence is checked every few steps: each check is a device sync.
-        if step % 4 == 0 or step >= h * w:
-            if torch.equal(new, lab) or step >= h * w:
-                lab = new
-                break
+        done = step >= h * w or (step % 4 == 0 and torch.equal(new, lab))
         lab = new
+        if done:
+            break
     return lab[:, 0].long()
 
 

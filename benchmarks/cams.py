@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_clip_es import reference_clip_es  # noqa: E402
+from reference_clip_es import reference_clip_es
 
-from wsss_core.classes import VOC  # noqa: E402
-from wsss_core.clip_es import CAAParams, ClipES  # noqa: E402
-from wsss_core.models.clip import ClipViT, create_clip  # noqa: E402
-from wsss_core.prompts import build_prompts  # noqa: E402
+from wsss_core.classes import VOC
+from wsss_core.clip_es import CAAParams, ClipES
+from wsss_core.models.clip import ClipViT, create_clip
+from wsss_core.prompts import build_prompts
 
 
 def sync(device: torch.device) -> None:

@@ -54,6 +54,41 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def label_overrides(args: argparse.Namespace) -> list[str]:
+    """Flags for the common fields become overrides, applied before the key=value ones."""
+    flags = {"dataset.uri": args.dataset, "dataset.layout": args.layout, "dataset.split": args.split,
+             "output": args.output, "ray_address": args.address}
+    out = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.overwrite:
+        out.append("overwrite=true")
+    return out + list(args.overrides)
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from wsss_platform.config import load_config
+    from wsss_platform.label.config import LabelConfig
+    from wsss_platform.label.job import main_exit_code, run_label
+
+    cfg = load_config(LabelConfig, args.config, label_overrides(args))
+    summary = run_label(cfg)
+    if summary.run_id:
+        from wsss_platform import tracking
+
+        print(f"[wsss label] MLflow run {summary.run_id} ({tracking.tracking_uri()}); open it with: wsss ui")
+    return main_exit_code(summary, cfg)
+
+
+def add_label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (see jobs/configs/); omitted: the embedded defaults")
+    p.add_argument("--dataset", help="dataset root URI (dataset.uri)")
+    p.add_argument("--layout", choices=["voc", "coco"], help="dataset.layout")
+    p.add_argument("--split", help="dataset.split")
+    p.add_argument("--output", help="output URI (output)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="redo images that are already complete")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. caa.t=3")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from wsss_platform.demo import run_demo
 
@@ -86,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(func=cmd_ui)
+
+    lb = sub.add_parser("label", help="compute CAMs and pseudo masks for a dataset split with Ray")
+    add_label_args(lb)
+    lb.set_defaults(func=cmd_label)
 
     dm = sub.add_parser("demo", help="run the end-to-end demo on generated data (what `make demo` runs)")
     dm.add_argument("--workdir", default=".")

@@ -18,7 +18,7 @@ from wsss_core.models.clip import ClipViT, create_clip
 from wsss_core.prompts import build_prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from reference_clip_es import reference_cams  # noqa: E402
+from reference_clip_es import reference_cams
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,97 @@
+"""The labeling job's typed config. Field names match the sweep's search-space keys."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from wsss_platform.config import Section
+from wsss_platform.datasets.base import DatasetConfig
+
+
+class ModelConfig(Section):
+    name: str = "ViT-B-16"
+    """open_clip model name, a path to an open_clip model-config JSON, or ``tiny`` (random, for tests)."""
+    pretrained: str = "openai"
+    """open_clip pretrained tag, a weights file (local path or s3:// URI), or ``none`` (random weights)."""
+
+
+class TextConfig(Section):
+    template: str = "a clean origami {}."
+    fuse_synonyms: bool = True
+    use_background: bool = True
+    background: list[str] | None = None
+    """Background prompts; None uses the class set's own (VOC 25, COCO 23, none for other datasets)."""
+    synonyms: dict[str, str] = Field(default_factory=dict)
+    """Class name -> text for the template's slot, on top of the built-in VOC/COCO synonyms."""
+
+    @field_validator("template")
+    @classmethod
+    def _one_slot(cls, v: str) -> str:
+        if v.count("{}") != 1:
+            raise ValueError(f"must hold exactly one '{{}}' slot for the class name, got {v!r}")
+        return v
+
+
+class CAAConfig(Section):
+    enabled: bool = True
+    attn_layers: int = Field(8, ge=1, le=64)
+    box_threshold: float = Field(0.4, ge=0.0, le=1.0)
+    t: int = Field(2, ge=1, le=8)
+    sinkhorn_rounds: int = Field(3, ge=0, le=50)
+
+
+class MaskConfig(Section):
+    bg_rule: Literal["threshold", "power"] = "threshold"
+    bg_value: float = Field(0.5, gt=0.0, le=64.0)
+    """tau for ``threshold`` (in (0, 1]), alpha for ``power``."""
+    mu: float = Field(0.95, ge=0.0, le=1.0)
+    crf: bool = True
+    crf_iterations: int = Field(10, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _tau_range(self) -> MaskConfig:
+        if self.bg_rule == "threshold" and self.bg_value > 1.0:
+            raise ValueError(f"bg_value: a background threshold must be in (0, 1], got {self.bg_value}")
+        return self
+
+
+class ComputeConfig(Section):
+    batch_size: int = Field(16, ge=1, le=1024)
+    """Images per actor call (and per forward pass within a size group)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    min_actors: int = Field(1, ge=1)
+    max_actors: int | None = Field(None, ge=1)
+    """None: one actor per GPU when the cluster has GPUs, else 1."""
+    gpus_per_actor: float | Literal["auto"] = "auto"
+    """auto: 1 when the cluster has GPUs, else 0 (CPU actors)."""
+    cpus_per_actor: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1)
+    """CPU threads for torch in each labeling actor; None keeps Ray's choice (= cpus_per_actor)."""
+    loader_actors: int = Field(2, ge=1)
+    loader_batch_size: int = Field(8, ge=1)
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    experiment: str = "wsss-label"
+    run_name: str | None = None
+    preview_images: int = Field(6, ge=0, le=64)
+
+
+class LabelConfig(Section):
+    dataset: DatasetConfig = DatasetConfig()
+    output: str = "label-output"
+    cam_source: Literal["clip_es"] = "clip_es"
+    refine: Literal["caa", "none"] = "caa"
+    model: ModelConfig = ModelConfig()
+    text: TextConfig = TextConfig()
+    caa: CAAConfig = CAAConfig()
+    mask: MaskConfig = MaskConfig()
+    compute: ComputeConfig = ComputeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    overwrite: bool = False
+    max_failed_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    ray_address: str | None = None

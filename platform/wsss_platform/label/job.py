@@ -1,0 +1,225 @@
+"""``wsss label``: the distributed labeling job (driver side).
+
+ids of the split -> skip complete ones (resume) -> Ray Data: Loader actors (CPU) -> Labeler actors
+(one GPU each when the cluster has GPUs) -> files + manifest parts on the output URI. The driver
+then merges the parts into ``manifest.parquet``, scores the masks against ground truth, and logs
+one MLflow run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from wsss_core.metrics import ConfusionMatrix
+from wsss_platform import storage
+from wsss_platform.config import flatten
+from wsss_platform.datasets import Dataset, open_dataset
+from wsss_platform.datasets.base import decode_mask
+from wsss_platform.label import outputs
+from wsss_platform.label.actors import Labeler, Loader
+from wsss_platform.label.config import LabelConfig
+from wsss_platform.label.preview import grid
+from wsss_platform.ray_utils import cluster_gpus, code_version, init_ray
+
+
+@dataclass
+class LabelSummary:
+    output: str
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    processed: int = 0
+    seconds: float = 0.0
+    miou_raw: float | None = None
+    miou: float | None = None
+    iou_raw: dict[str, float] = field(default_factory=dict)
+    iou: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def failed_fraction(self) -> float:
+        return self.failed / self.total if self.total else 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        s = (f"labelled {self.done}/{self.total} images ({self.failed} failed, {self.skipped} already complete) "
+             f"in {self.seconds:.1f}s ({self.images_per_s:.1f} img/s)")
+        if self.miou is not None:
+            s += f"; mIoU raw CAM {self.miou_raw:.4f} -> refined {self.miou:.4f}"
+        return s + f"; output {self.output}"
+
+
+def confusion_from(table: pa.Table, prefix: str, num_labels: int) -> ConfusionMatrix | None:
+    idx = table.column(f"{prefix}_index").to_pylist()
+    cnt = table.column(f"{prefix}_count").to_pylist()
+    if not any(i for i in idx if i):
+        return None
+    flat = np.zeros(num_labels * num_labels, dtype=np.int64)
+    for i, c in zip(idx, cnt, strict=True):
+        if i:
+            np.add.at(flat, np.asarray(i, dtype=np.int64), np.asarray(c, dtype=np.int64))
+    return ConfusionMatrix.from_list(flat.reshape(num_labels, num_labels).tolist())
+
+
+def _actor_pool(cfg: LabelConfig) -> tuple[float, int, int]:
+    gpus_total = cluster_gpus()
+    gpus = (1.0 if gpus_total >= 1 else 0.0) if cfg.compute.gpus_per_actor == "auto" else float(cfg.compute.gpus_per_actor)
+    if gpus > 0 and gpus_total == 0:
+        raise RuntimeError(f"compute.gpus_per_actor={gpus} but the Ray cluster has no GPUs; set it to 0 or auto")
+    default_max = max(1, int(gpus_total // gpus)) if gpus > 0 else 1
+    max_actors = cfg.compute.max_actors or default_max
+    return gpus, min(cfg.compute.min_actors, max_actors), max_actors
+
+
+def _pipeline(cfg: LabelConfig, ds: Dataset, todo: list[str]):
+    import ray
+
+    gpus, min_actors, max_actors = _actor_pool(cfg)
+    rows = ray.data.from_items([{"image_id": i} for i in todo],
+                               override_num_blocks=max(1, min(len(todo), len(todo) // cfg.compute.loader_batch_size)))
+    dataset = _dataset_payload(cfg)
+    loaded = rows.map_batches(
+        Loader, fn_constructor_kwargs={"dataset": dataset},
+        batch_size=cfg.compute.loader_batch_size, batch_format="numpy", num_cpus=0.5,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors))
+    return loaded.map_batches(
+        Labeler,
+        fn_constructor_kwargs={"config": cfg.model_dump(mode="json") | {"dataset": dataset},
+                               "class_names": list(ds.classes.names), "gpus": gpus},
+        batch_size=cfg.compute.batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
+        # Ray Data restarts a dead actor and retries its batch (max_restarts/max_task_retries -1 by
+        # default); outputs are idempotent and keyed by image id, so a retry writes nothing twice.
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors))
+
+
+def _dataset_payload(cfg: LabelConfig) -> dict[str, Any]:
+    """The dataset section for the actors, with credentials as values (model_dump masks SecretStr)."""
+    d = cfg.dataset.model_dump(mode="json")
+    st = cfg.dataset.storage
+    d["storage"] |= {k: getattr(st, k).get_secret_value() for k in ("key", "secret") if getattr(st, k) is not None}
+    return d
+
+
+def _preview(cfg: LabelConfig, ds: Dataset, manifest: pa.Table) -> bytes | None:
+    done = [r for r in manifest.select(["image_id", "status"]).to_pylist() if r["status"] == "done"]
+    rows = []
+    for r in done[: cfg.tracking.preview_images]:
+        row = ds.load(r["image_id"])
+        cams = outputs.decode_cams(storage.read_bytes(outputs.cams_uri(cfg.output, r["image_id"]), cfg.dataset.storage))
+        cam = cams["cams"].astype(np.float32).max(0) if cams["cams"].size else np.zeros(cams["cams"].shape[1:], np.float32)
+        mask = decode_mask(storage.read_bytes(outputs.mask_uri(cfg.output, r["image_id"]), cfg.dataset.storage), "mask")
+        rows.append((row.image, cam, mask, row.mask))
+    return grid(rows) if rows else None
+
+
+def run_label(cfg: LabelConfig, log=print) -> LabelSummary:
+    """Run the labeling job to completion; returns the summary (the caller decides the exit code)."""
+    t_start = time.perf_counter()
+    ds = open_dataset(cfg.dataset)
+    out, opts = cfg.output.rstrip("/"), cfg.dataset.storage
+    cfg = cfg.model_copy(update={"output": out})
+    if cfg.overwrite:
+        outputs.clear_parts(out, opts)
+    previous = outputs.read_parts(out, opts)
+    complete = {r["image_id"] for r in previous.select(["image_id", "status"]).to_pylist() if r["status"] == "done"}
+    todo = [i for i in ds.ids if i not in complete]
+    summary = LabelSummary(output=out, total=len(ds.ids), skipped=len(ds.ids) - len(todo))
+    run_info = {"config": cfg.model_dump(mode="json"), "code": code_version(), "classes": ds.class_mapping(),
+                "started_at": time.time(), "ray_address": cfg.ray_address}
+    storage.write_text(storage.join(out, "run.json"), json.dumps(run_info, indent=2), opts)
+    log(f"[wsss label] {ds.uri} ({cfg.dataset.layout}, split {cfg.dataset.split}): {len(ds.ids)} images, "
+        f"{summary.skipped} already complete, {len(todo)} to do -> {out}")
+
+    if todo:
+        init_ray(cfg.ray_address)
+        t0 = time.perf_counter()
+        for batch in _pipeline(cfg, ds, todo).iter_batches(batch_size=None, batch_format="numpy"):
+            summary.processed += len(batch["image_id"])
+        summary.seconds = time.perf_counter() - t0
+
+    parts = outputs.read_parts(out, opts)
+    split_ids = pa.array(ds.ids)
+    manifest = parts.filter(pc.is_in(parts.column("image_id"), value_set=split_ids))
+    outputs.write_table(storage.join(out, "manifest.parquet"), manifest, opts)
+    statuses = manifest.column("status").to_pylist()
+    summary.done, summary.failed = statuses.count("done"), statuses.count("failed")
+    summary.failed += len(ds.ids) - len(statuses)  # never reached a part: counted as failed
+    summary.failures = [(r["image_id"], r["error"]) for r in manifest.select(["image_id", "status", "error"]).to_pylist()
+                        if r["status"] == "failed"]
+    names = ["background", *ds.classes.names]
+    for prefix, attr in (("cm_raw", "raw"), ("cm", "")):
+        cm = confusion_from(manifest, prefix, len(names))
+        if cm is not None:
+            iou = dict(zip(names, cm.iou().tolist(), strict=True))
+            if attr:
+                summary.miou_raw, summary.iou_raw = cm.miou(), iou
+            else:
+                summary.miou, summary.iou = cm.miou(), iou
+    if cfg.tracking.enabled:
+        summary.run_id = _track(cfg, ds, summary, manifest, run_info)
+    for image_id, err in summary.failures[:10]:
+        log(f"[wsss label] failed {image_id}: {err}")
+    log(f"[wsss label] {summary.line()} (total {time.perf_counter() - t_start:.1f}s)")
+    return summary
+
+
+def _track(cfg: LabelConfig, ds: Dataset, summary: LabelSummary, manifest: pa.Table, run_info: dict) -> str:
+    import mlflow
+
+    from wsss_platform import tracking
+
+    exp_id = tracking.setup(cfg.tracking.experiment)
+    with mlflow.start_run(experiment_id=exp_id, run_name=cfg.tracking.run_name) as run:
+        tracking.log_params_flat(flatten(cfg.model_dump(mode="json")))
+        metrics = {"images_total": summary.total, "images_done": summary.done, "images_failed": summary.failed,
+                   "images_skipped": summary.skipped, "images_processed": summary.processed,
+                   "images_per_s": summary.images_per_s, "failed_fraction": summary.failed_fraction}
+        if summary.miou is not None:
+            metrics |= {"miou": summary.miou, "miou_raw": summary.miou_raw}
+            metrics |= {f"iou/{k}": v for k, v in summary.iou.items() if v == v}
+            metrics |= {f"iou_raw/{k}": v for k, v in summary.iou_raw.items() if v == v}
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags({"wsss.job": "label", "wsss.output": cfg.output, "wsss.dataset": ds.uri})
+        mlflow.log_text(json.dumps(run_info, indent=2), "run.json")
+        buf = io.BytesIO()
+        pq.write_table(manifest, buf)
+        _log_bytes(buf.getvalue(), "manifest.parquet")
+        preview = _preview(cfg, ds, manifest) if cfg.tracking.preview_images else None
+        if preview:
+            _log_bytes(preview, "preview.png")
+        return run.info.run_id
+
+
+def _log_bytes(data: bytes, name: str) -> None:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        mlflow.log_artifact(path)
+
+
+def main_exit_code(summary: LabelSummary, cfg: LabelConfig) -> int:
+    if summary.failed_fraction > cfg.max_failed_fraction:
+        print(f"[wsss label] {summary.failed} of {summary.total} images failed ({summary.failed_fraction:.1%}), "
+              f"above max_failed_fraction={cfg.max_failed_fraction}; see manifest.parquet", file=sys.stderr)
+        return 1
+    return 0

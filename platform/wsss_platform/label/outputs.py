@@ -1,0 +1,102 @@
+"""The labeling output layout (DESIGN.md): masks/, cams/, manifest parts, manifest.parquet, run.json.
+
+Completeness is decided by the manifest parts, which an actor writes only after every file of its
+batch is in place; each file is written atomically. A crash therefore never leaves an image that
+counts as complete with a missing or half-written mask: at worst a batch is redone.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from wsss_platform import storage
+from wsss_platform.storage import StorageOptions
+
+PARTS = "manifest-parts"
+
+MANIFEST_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("status", pa.string()),  # done | failed
+    ("error", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("labels", pa.list_(pa.int32())),
+    ("fg_fraction", pa.float32()),
+    ("ignore_fraction", pa.float32()),
+    ("seconds_load", pa.float32()),
+    ("seconds_infer", pa.float32()),
+    ("worker", pa.string()),
+    ("finished_at", pa.float64()),
+    # sparse confusion-matrix entries (flat index t * C' + p, count) vs ground truth, when present
+    ("cm_raw_index", pa.list_(pa.int32())),
+    ("cm_raw_count", pa.list_(pa.int64())),
+    ("cm_index", pa.list_(pa.int32())),
+    ("cm_count", pa.list_(pa.int64())),
+])
+
+
+def mask_uri(output: str, image_id: str) -> str:
+    return storage.join(output, "masks", f"{image_id}.png")
+
+
+def cams_uri(output: str, image_id: str) -> str:
+    return storage.join(output, "cams", f"{image_id}.npz")
+
+
+def encode_cams(cams: np.ndarray, attn: np.ndarray, labels: list[int], size: tuple[int, int],
+                class_scores: np.ndarray) -> bytes:
+    """float16 CAMs [K, h, w] and attention [N, N]: all a refinement-only pass needs."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, cams=cams.astype(np.float16), attn=attn.astype(np.float16),
+                        labels=np.asarray(labels, dtype=np.int32), size=np.asarray(size, dtype=np.int32),
+                        class_scores=class_scores.astype(np.float32))
+    return buf.getvalue()
+
+
+def decode_cams(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data)) as z:
+        return {k: z[k] for k in z.files}
+
+
+def write_part(output: str, rows: list[dict[str, Any]], options: StorageOptions | None = None) -> None:
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(storage.join(output, PARTS, f"{uuid.uuid4().hex}.parquet"), buf.getvalue(), options)
+
+
+def read_parts(output: str, options: StorageOptions | None = None) -> pa.Table:
+    """All manifest parts, one row per image (the latest part wins; a retried batch may repeat rows)."""
+    tables = []
+    for name in storage.list_names(storage.join(output, PARTS), options):
+        if name.endswith(".parquet"):
+            data = storage.read_bytes(storage.join(output, PARTS, name), options)
+            tables.append(pq.read_table(io.BytesIO(data)).cast(MANIFEST_SCHEMA))
+    if not tables:
+        return MANIFEST_SCHEMA.empty_table()
+    table = pa.concat_tables(tables)
+    order = np.argsort(np.asarray(table.column("finished_at").to_numpy(zero_copy_only=False)), kind="stable")
+    latest: dict[str, int] = {}
+    ids = table.column("image_id").to_pylist()
+    for i in order:
+        latest[ids[i]] = int(i)
+    keep = sorted(latest.values(), key=lambda i: ids[i])
+    return table.take(pa.array(keep, type=pa.int64()))
+
+
+def clear_parts(output: str, options: StorageOptions | None = None) -> None:
+    fs, path = storage.filesystem(storage.join(output, PARTS), options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def write_table(uri: str, table: pa.Table, options: StorageOptions | None = None) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue(), options)

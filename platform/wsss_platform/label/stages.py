@@ -1,0 +1,75 @@
+"""Build the pipeline's stages from the config: class set + prompts, the CAM source, refinement.
+
+A CAM source is a name in ``CAM_SOURCES`` whose builder returns a batch callable
+``(images, labels) -> list[ImageResult]``; CLIP-ES is the first, ToCo and PSA plug in beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from wsss_core.classes import VOC, ClassSet
+from wsss_core.clip_es import CAAParams, ClipES, MaskParams
+from wsss_core.models.clip import ClipViT, create_clip
+from wsss_core.prompts import build_prompts
+from wsss_core.registry import Registry
+from wsss_platform import storage
+from wsss_platform.label.config import LabelConfig
+from wsss_platform.storage import StorageOptions
+
+CAM_SOURCES = Registry("CAM source")
+
+
+def class_set(names: list[str], cfg: LabelConfig) -> ClassSet:
+    """The dataset's classes with built-in synonyms/background (VOC/COCO) plus the config's."""
+    from wsss_core.classes import COCO
+
+    base = next((c for c in (VOC, COCO) if set(names) <= set(c.names)), None)
+    synonyms = {**(base.synonyms if base else {}), **cfg.text.synonyms}
+    background = tuple(cfg.text.background) if cfg.text.background is not None else (base.background if base else ())
+    return ClassSet(tuple(names), {k: v for k, v in synonyms.items() if k in names}, background)
+
+
+def resolve_weights(pretrained: str, options: StorageOptions | None = None) -> str | bytes | None:
+    """An open_clip tag stays a tag; an ``s3://`` URI is read into bytes; a local path stays a path."""
+    if pretrained.lower() in ("", "none"):
+        return None
+    if "://" in pretrained:
+        return storage.read_bytes(pretrained, options)
+    if os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")):
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"model.pretrained: weights file not found: {pretrained}")
+    return pretrained
+
+
+def device_for(gpus: float) -> torch.device:
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def caa_params(cfg: LabelConfig) -> CAAParams:
+    c = cfg.caa
+    return CAAParams(cfg.refine == "caa" and c.enabled, c.attn_layers, c.box_threshold, c.t, c.sinkhorn_rounds)
+
+
+def mask_params(cfg: LabelConfig) -> MaskParams:
+    m = cfg.mask
+    return MaskParams(m.bg_rule, m.bg_value, m.mu, m.crf, m.crf_iterations)
+
+
+@CAM_SOURCES.register("clip_es")
+def build_clip_es(cfg: LabelConfig, classes: ClassSet, device: torch.device) -> Callable[..., Any]:
+    model, tokenizer = create_clip(cfg.model.name, resolve_weights(cfg.model.pretrained, cfg.dataset.storage))
+    vit = ClipViT(model, tokenizer).to(device)
+    precision = cfg.compute.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    prompts = build_prompts(classes, cfg.text.template, cfg.text.fuse_synonyms, cfg.text.use_background)
+    return ClipES(vit, prompts, caa_params(cfg), mask_params(cfg), precision, cfg.compute.batch_size)
+
+
+def build_cam_source(cfg: LabelConfig, classes: ClassSet, device: torch.device) -> Callable[..., Any]:
+    return CAM_SOURCES.get(cfg.cam_source)(cfg, classes, device)

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# Keep every Ray this suite starts on 127.0.0.1 (read by ray at import time, inherited by children).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SYNTHSHAPES = SHARED / "benchmarks" / "synthshapes"
@@ -80,3 +84,62 @@ def synthshapes() -> Path:
     if not (SYNTHSHAPES / "dev").is_dir():
         pytest.skip("../shared/benchmarks/synthshapes is not present")
     return SYNTHSHAPES
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the session, on loopback only (as the embedded default runs).
+
+    Started after the S3 server so that its workers inherit the S3 endpoint and credentials.
+    """
+    import ray
+
+    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (sqlite backend, proxied artifacts) on loopback."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_for_port(port, proc, timeout=90)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A real Ray head started with `ray start` on loopback; yields its dashboard (job API) address."""
+    port, dash = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("rayhead")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+           "--disable-usage-stats", "--include-dashboard", "true", "--temp-dir", str(temp)]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        kill_processes_mentioning(str(temp))  # `ray stop` would also stop the session's own Ray
+
+
+def kill_processes_mentioning(text: str) -> None:
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if text in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass

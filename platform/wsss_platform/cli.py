@@ -89,6 +89,42 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. caa.t=3")
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from wsss_platform import submit
+
+    rest = label_overrides(args) if args.kind == "label" else list(args.overrides)
+    forwarded = (["--config", args.config] if args.config else []) + rest
+    job_id = submit.submit(args.kind, [a for a in forwarded if not a.startswith("ray_address=")], args.address,
+                           args.submission_id)
+    addr = submit.dashboard_address(args.address)
+    print(f"submitted {args.kind} job {job_id} to {addr}")
+    print(f"  follow it: wsss jobs status {job_id} --address {addr}   |   wsss jobs logs {job_id} --address {addr}")
+    if not args.follow:
+        return 0
+    status = submit.wait(job_id, args.address, follow=True)
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from wsss_platform import submit
+
+    c = submit.client(args.address)
+    if args.action == "status":
+        info = c.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            status = submit.wait(args.job_id, args.address, follow=True)
+            return 0 if status == "SUCCEEDED" else 1
+        print(c.get_job_logs(args.job_id), end="")
+        return 0
+    stopped = c.stop_job(args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from wsss_platform.demo import run_demo
 
@@ -126,6 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_args(lb)
     lb.set_defaults(func=cmd_label)
 
+    sb = sub.add_parser("submit", help="submit a job to a Ray cluster (Job Submission API)")
+    sbsub = sb.add_subparsers(dest="kind", required=True)
+    sl = sbsub.add_parser("label", help="submit `wsss label`")
+    add_label_args(sl)
+    sl.add_argument("--submission-id", default=None)
+    sl.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
+    sl.set_defaults(func=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="follow jobs submitted with `wsss submit`")
+    jsub = jb.add_subparsers(dest="action", required=True)
+    for action, text in (("status", "print a job's status"), ("logs", "print a job's logs"), ("stop", "stop a job")):
+        ja = jsub.add_parser(action, help=text)
+        ja.add_argument("job_id")
+        ja.add_argument("--address", help="dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+        if action == "logs":
+            ja.add_argument("--follow", action="store_true")
+        ja.set_defaults(func=cmd_jobs)
+
     dm = sub.add_parser("demo", help="run the end-to-end demo on generated data (what `make demo` runs)")
     dm.add_argument("--workdir", default=".")
     dm.add_argument("--num-images", type=int, default=40)
@@ -141,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetError, StorageError) as e:
+    except (ConfigError, DatasetError, StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

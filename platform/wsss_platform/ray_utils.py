@@ -9,18 +9,29 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+LOOPBACK_ENV = {
+    # Ray resolves 127.0.0.1 to the machine's external address unless "clusters" are off; a
+    # single-machine Ray needs no external address, so keep all its traffic on loopback.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Token auth guards `ray start` clusters; a private local instance has nothing to guard.
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), else start a private local Ray on loopback."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        for k, v in LOOPBACK_ENV.items():
+            os.environ.setdefault(k, v)  # read by ray at import time, and by its child processes
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, log_to_driver=True, **kwargs)
+        ray.init(address=address, **kwargs)
     else:
-        # The embedded default: everything on 127.0.0.1, no dashboard (nothing to submit to).
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
+        ray.init(address="local", include_dashboard=False, **kwargs)
 
 
 def cluster_gpus() -> float:

@@ -31,6 +31,7 @@ from wsss_platform.label import outputs
 from wsss_platform.label.actors import Labeler, Loader
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.preview import grid
+from wsss_platform.label.stages import check_model_paths
 from wsss_platform.ray_utils import cluster_gpus, code_version, init_ray
 
 
@@ -132,6 +133,7 @@ def _preview(cfg: LabelConfig, ds: Dataset, manifest: pa.Table) -> bytes | None:
 def run_label(cfg: LabelConfig, log=print) -> LabelSummary:
     """Run the labeling job to completion; returns the summary (the caller decides the exit code)."""
     t_start = time.perf_counter()
+    check_model_paths(cfg)
     ds = open_dataset(cfg.dataset)
     out, opts = cfg.output.rstrip("/"), cfg.dataset.storage
     cfg = cfg.model_copy(update={"output": out})

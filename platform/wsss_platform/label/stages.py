@@ -40,10 +40,20 @@ def resolve_weights(pretrained: str, options: StorageOptions | None = None) -> s
         return None
     if "://" in pretrained:
         return storage.read_bytes(pretrained, options)
-    if os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")):
-        if not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"model.pretrained: weights file not found: {pretrained}")
     return pretrained
+
+
+def _looks_like_file(value: str) -> bool:
+    return os.sep in value or value.endswith((".pt", ".bin", ".safetensors", ".pth", ".json"))
+
+
+def check_model_paths(cfg: LabelConfig) -> None:
+    """Fail on the driver, before any actor starts, when a local model file is missing."""
+    from wsss_platform.config import ConfigError
+
+    for key, value in (("model.name", cfg.model.name), ("model.pretrained", cfg.model.pretrained)):
+        if "://" not in value and _looks_like_file(value) and not os.path.isfile(value):
+            raise ConfigError(f"{key}: file not found: {value} (relative paths are relative to {os.getcwd()})")
 
 
 def device_for(gpus: float) -> torch.device:

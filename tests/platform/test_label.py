@@ -1,0 +1,157 @@
+"""End-to-end labeling on generated data: local and S3, VOC and COCO, bad input, MLflow."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from wsss_core.clip_es import refine_from_cache
+from wsss_core.metrics import ConfusionMatrix
+from wsss_platform import storage
+from wsss_platform.config import build_config
+from wsss_platform.datasets import DatasetConfig, open_dataset
+from wsss_platform.datasets.demo import write_demo_dataset
+from wsss_platform.label import outputs
+from wsss_platform.label.config import LabelConfig
+from wsss_platform.label.job import main_exit_code, run_label
+from wsss_platform.label.stages import caa_params, mask_params
+
+TINY = ["model.name=tiny", "model.pretrained=none", "mask.crf=false", "compute.batch_size=4", "compute.loader_batch_size=4"]
+
+
+def label_config(data: str, out: str, layout: str = "voc", extra: tuple[str, ...] = ()) -> LabelConfig:
+    return build_config(LabelConfig, {}, [f"dataset.uri={data}", f"dataset.layout={layout}", f"output={out}",
+                                          "tracking.preview_images=2", *TINY, *extra])
+
+
+def check_outputs(cfg: LabelConfig, summary) -> None:
+    """Every image: exactly one palette PNG of its own size and a CAM cache; one manifest row."""
+    ds = open_dataset(cfg.dataset)
+    assert summary.total == len(ds.ids) and summary.done == len(ds.ids) and summary.failed == 0
+    masks = storage.list_names(storage.join(cfg.output, "masks"))
+    assert sorted(masks) == sorted(f"{i}.png" for i in ds.ids)
+    manifest = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(cfg.output, "manifest.parquet"))))
+    assert sorted(manifest.column("image_id").to_pylist()) == sorted(ds.ids)
+    assert set(manifest.column("status").to_pylist()) == {"done"}
+    cm_raw, cm = ConfusionMatrix(ds.classes.num_classes + 1), ConfusionMatrix(ds.classes.num_classes + 1)
+    for image_id in ds.ids:
+        row = ds.load(image_id)
+        with Image.open(io.BytesIO(storage.read_bytes(outputs.mask_uri(cfg.output, image_id)))) as im:
+            assert im.mode == "P" and im.size == (row.image.shape[1], row.image.shape[0])
+            written = np.asarray(im)
+        assert set(np.unique(written)) <= {0, 255, *row.labels}
+        cache = outputs.decode_cams(storage.read_bytes(outputs.cams_uri(cfg.output, image_id)))
+        assert cache["cams"].dtype == np.float16 and list(cache["labels"]) == row.labels
+        n = cache["cams"].shape[1] * cache["cams"].shape[2]
+        assert cache["attn"].shape == (n, n)
+        # The reported scores equal an independent re-scoring from the cached CAMs.
+        res = refine_from_cache(torch.from_numpy(cache["cams"].astype(np.float32)),
+                                torch.from_numpy(cache["attn"].astype(np.float32)), row.labels,
+                                tuple(cache["size"]), caa_params(cfg), mask_params(cfg))
+        cm_raw.update(res.mask_raw, row.mask)
+        cm.update(res.mask, row.mask)
+    assert summary.miou_raw == pytest.approx(cm_raw.miou(), abs=0.01)
+    assert summary.miou == pytest.approx(cm.miou(), abs=0.01)
+
+
+def test_label_voc_local_with_mlflow_server(tmp_path, ray_local, mlflow_server, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    write_demo_dataset(str(tmp_path / "voc"), "voc", 10, seed=11)
+    cfg = label_config(str(tmp_path / "voc"), str(tmp_path / "out"))
+    summary = run_label(cfg)
+    check_outputs(cfg, summary)
+    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_json["config"]["model"]["name"] == "tiny" and run_json["classes"]["classes"][0] == "circle"
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(summary.run_id)
+    assert run.data.params["model.name"] == "tiny" and run.data.params["caa.t"] == "2"
+    assert run.data.params["dataset.uri"] == str(tmp_path / "voc")
+    m = run.data.metrics
+    assert m["images_done"] == 8 and m["images_failed"] == 0 and m["images_per_s"] > 0
+    assert m["miou"] == pytest.approx(summary.miou) and m["miou_raw"] == pytest.approx(summary.miou_raw)
+    assert "iou/background" in m and "iou_raw/background" in m
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"run.json", "manifest.parquet", "preview.png"} <= artifacts
+    preview = client.download_artifacts(run.info.run_id, "preview.png", str(tmp_path))
+    with Image.open(preview) as im:
+        assert im.size == (4 * 160, 2 * 160)
+
+
+def test_label_coco_local(tmp_path, ray_local, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_demo_dataset(str(tmp_path / "coco"), "coco", 10, seed=12)
+    cfg = label_config(str(tmp_path / "coco"), str(tmp_path / "out"), "coco", ("tracking.enabled=false",))
+    summary = run_label(cfg)
+    check_outputs(cfg, summary)
+    mapping = json.loads((tmp_path / "out" / "run.json").read_text())["classes"]["category_id_to_label"]
+    assert mapping["5"] == 4
+
+
+@pytest.mark.parametrize("layout", ["voc", "coco"])
+def test_label_s3(s3_bucket, ray_local, tmp_path, monkeypatch, layout):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_demo_dataset(f"{s3_bucket}/{layout}", layout, 7, seed=13)
+    cfg = label_config(f"{s3_bucket}/{layout}", f"{s3_bucket}/out-{layout}", layout)
+    summary = run_label(cfg)
+    check_outputs(cfg, summary)
+    assert storage.exists(f"{s3_bucket}/out-{layout}/run.json")
+
+
+def test_rerun_skips_complete_images_and_overwrite_redoes_them(tmp_path, ray_local, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_demo_dataset(str(tmp_path / "voc"), "voc", 8, seed=14)
+    cfg = label_config(str(tmp_path / "voc"), str(tmp_path / "out"), extra=("tracking.enabled=false",))
+    first = run_label(cfg)
+    again = run_label(cfg)
+    assert (again.skipped, again.processed, again.done) == (first.total, 0, first.total)
+    assert again.miou == pytest.approx(first.miou)  # scores cover the whole split on a resume
+    redo = run_label(cfg.model_copy(update={"overwrite": True}))
+    assert (redo.skipped, redo.processed, redo.done) == (0, first.total, first.total)
+
+
+def test_corrupt_image_and_unknown_class_fail_clearly(tmp_path, ray_local, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    splits = write_demo_dataset(str(tmp_path / "voc"), "voc", 10, seed=15)
+    bad_img, bad_cls = splits["train"][0], splits["train"][1]
+    (tmp_path / "voc" / "JPEGImages" / f"{bad_img}.jpg").write_bytes(b"not a jpeg at all")
+    xml = tmp_path / "voc" / "Annotations" / f"{bad_cls}.xml"
+    xml.write_text(xml.read_text().replace("<name>", "<name>unicorn", 1))
+    cfg = label_config(str(tmp_path / "voc"), str(tmp_path / "out"), extra=("tracking.enabled=false",))
+    summary = run_label(cfg)
+    assert (summary.done, summary.failed) == (6, 2)
+    errors = dict(summary.failures)
+    assert f"JPEGImages/{bad_img}.jpg" in errors[bad_img] and "cannot decode image" in errors[bad_img]
+    assert f"Annotations/{bad_cls}.xml" in errors[bad_cls] and "unknown class name 'unicorn" in errors[bad_cls]
+    assert not (tmp_path / "out" / "masks" / f"{bad_img}.png").exists()
+    assert main_exit_code(summary, cfg) == 1
+    assert "above max_failed_fraction=0.0" in capsys.readouterr().err
+    assert main_exit_code(summary, cfg.model_copy(update={"max_failed_fraction": 0.25})) == 0
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert len(manifest) == 8 and sum(r["status"] == "failed" for r in manifest) == 2
+
+
+def test_missing_model_file_fails_before_any_work(tmp_path):
+    from wsss_platform.config import ConfigError
+
+    write_demo_dataset(str(tmp_path / "voc"), "voc", 3, seed=16)
+    cfg = label_config(str(tmp_path / "voc"), str(tmp_path / "out"), extra=(f"model.pretrained={tmp_path}/nope.safetensors",))
+    with pytest.raises(ConfigError, match="model.pretrained: file not found"):
+        run_label(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_datasetconfig_rejects_unknown_layout():
+    from wsss_platform.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dataset.layout"):
+        build_config(LabelConfig, {}, ["dataset.layout=kitti"])
+    assert DatasetConfig().layout == "voc"

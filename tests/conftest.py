@@ -143,3 +143,18 @@ def kill_processes_mentioning(text: str) -> None:
                 p.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+
+
+def kill_processes_with_env(key: str, value: str) -> None:
+    """Kill every process whose environment has ``key=value`` (Ray workers rename their cmdline)."""
+    import psutil
+
+    victims = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(key) == value:
+                p.kill()
+                victims.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    psutil.wait_procs(victims, timeout=30)

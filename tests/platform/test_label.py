@@ -144,7 +144,7 @@ def test_missing_model_file_fails_before_any_work(tmp_path):
 
     write_demo_dataset(str(tmp_path / "voc"), "voc", 3, seed=16)
     cfg = label_config(str(tmp_path / "voc"), str(tmp_path / "out"), extra=(f"model.pretrained={tmp_path}/nope.safetensors",))
-    with pytest.raises(ConfigError, match="model.pretrained: file not found"):
+    with pytest.raises(ConfigError, match=r"model\.pretrained: file not found"):
         run_label(cfg)
     assert not (tmp_path / "out").exists()
 
@@ -152,6 +152,6 @@ def test_missing_model_file_fails_before_any_work(tmp_path):
 def test_datasetconfig_rejects_unknown_layout():
     from wsss_platform.config import ConfigError
 
-    with pytest.raises(ConfigError, match="dataset.layout"):
+    with pytest.raises(ConfigError, match=r"dataset\.layout"):
         build_config(LabelConfig, {}, ["dataset.layout=kitti"])
     assert DatasetConfig().layout == "voc"

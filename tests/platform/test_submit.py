@@ -1,0 +1,59 @@
+"""`wsss submit label` and `wsss jobs` against a real Ray head started with `ray start` on loopback."""
+
+import re
+import time
+
+import pyarrow.parquet as pq
+
+from wsss_platform.cli import main
+from wsss_platform.datasets.demo import write_demo_dataset
+
+from .test_label import TINY
+
+
+def job_id_from(out: str) -> str:
+    return re.search(r"submitted label job (\S+)", out).group(1)
+
+
+def test_submit_follow_status_logs_and_stop(tmp_path, ray_head, capsys):
+    write_demo_dataset(str(tmp_path / "voc"), "voc", 6, seed=31)
+    out = tmp_path / "out"
+    rc = main(["submit", "label", "--address", ray_head, "--dataset", str(tmp_path / "voc"), "--output", str(out),
+               *TINY, "tracking.enabled=false", "--follow"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    job_id = job_id_from(printed)
+    assert "labelled 5/5 images" in printed
+    assert len(pq.read_table(out / "manifest.parquet")) == 5
+
+    assert main(["jobs", "status", job_id, "--address", ray_head]) == 0
+    assert f"{job_id}: SUCCEEDED" in capsys.readouterr().out
+    assert main(["jobs", "logs", job_id, "--address", ray_head]) == 0
+    assert "[wsss label] labelled 5/5" in capsys.readouterr().out
+
+    # A long job, stopped while it runs.
+    write_demo_dataset(str(tmp_path / "big"), "voc", 200, seed=32)
+    assert main(["submit", "label", "--address", ray_head, "--dataset", str(tmp_path / "big"), "--output",
+                 str(tmp_path / "big-out"), *TINY, "compute.batch_size=1", "tracking.enabled=false"]) == 0
+    long_id = job_id_from(capsys.readouterr().out)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        main(["jobs", "status", long_id, "--address", ray_head])
+        if "RUNNING" in capsys.readouterr().out:
+            break
+        time.sleep(1)
+    assert main(["jobs", "stop", long_id, "--address", ray_head]) == 0
+    assert "stop requested" in capsys.readouterr().out
+    deadline = time.monotonic() + 60
+    status = ""
+    while time.monotonic() < deadline and "STOPPED" not in status:
+        main(["jobs", "status", long_id, "--address", ray_head])
+        status = capsys.readouterr().out
+        time.sleep(1)
+    assert f"{long_id}: STOPPED" in status
+
+
+def test_submit_needs_an_address(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["jobs", "status", "x"]) == 2
+    assert "no cluster address" in capsys.readouterr().err

@@ -128,7 +128,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from wsss_platform.demo import run_demo
 
-    return run_demo(args.workdir, num_images=args.num_images)
+    return run_demo(args.workdir, num_images=args.num_images, offline=args.offline)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="run the end-to-end demo on generated data (what `make demo` runs)")
     dm.add_argument("--workdir", default=".")
     dm.add_argument("--num-images", type=int, default=40)
+    dm.add_argument("--offline", action="store_true", help="do not try to download CLIP weights; use the random tiny model")
     dm.set_defaults(func=cmd_demo)
     return p
 

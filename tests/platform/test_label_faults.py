@@ -55,8 +55,8 @@ def test_killed_driver_resumes_exactly_once(tmp_path, ray_local):
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     cmd = [str(BIN / "wsss"), "label", "--dataset", str(tmp_path / "voc"), "--output", str(out), *TINY,
            "compute.batch_size=2", "tracking.enabled=false"]
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_parts(out, 2, timeout=240, proc=proc)
         os.killpg(proc.pid, signal.SIGKILL)  # a crash: no clean shutdown, no manifest.parquet

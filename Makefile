@@ -33,6 +33,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/cams.py
 	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/label.py
 
 clean:
 	rm -rf demo-data demo-output mlflow.db mlartifacts .pytest_cache

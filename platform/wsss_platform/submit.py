@@ -53,8 +53,17 @@ def runtime_env() -> dict[str, Any]:
 def submit(kind: str, args: list[str], address: str | None, submission_id: str | None = None) -> str:
     """Submit ``jobs/<kind>.py ARGS`` to the cluster; returns the submission id."""
     entry = f"python jobs/{kind}.py {shlex.join(args)}"
-    return client(address).submit_job(entrypoint=entry, runtime_env=runtime_env(), submission_id=submission_id,
-                                      metadata={"wsss.job": kind})
+    c = client(address)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return c.submit_job(entrypoint=entry, runtime_env=runtime_env(), submission_id=submission_id,
+                                metadata={"wsss.job": kind})
+        except RuntimeError as e:
+            # A cluster that has just started answers 500 until its job agent is up.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def wait(job_id: str, address: str | None, timeout: float | None = None, follow: bool = False) -> str:

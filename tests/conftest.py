@@ -126,7 +126,10 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-           "--disable-usage-stats", "--include-dashboard", "true", "--temp-dir", str(temp)]
+           "--disable-usage-stats", "--include-dashboard", "true", "--temp-dir", str(temp),
+           # Fixed default agent ports would collide with the session's own local Ray.
+           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+           "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     try:
         yield f"http://127.0.0.1:{dash}"

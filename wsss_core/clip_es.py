@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from wsss_core.cams.softmax_gradcam import softmax_gradcam
-from wsss_core.masks import cams_to_mask, confidence_mask
+from wsss_core.masks import background_score, cams_to_mask, confidence_mask
 from wsss_core.models.clip import ClipViT
 from wsss_core.prompts import PromptSet, TextFeatureCache
 from wsss_core.refine.caa import affinity, box_masks, caa_refine, minmax_normalize
 from wsss_core.refine.crf import dense_crf
-from wsss_core.registry import CAM_SOURCES
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,8 +107,7 @@ def _masks(image: np.ndarray | None, labels: list[int], raw_hr: torch.Tensor, sc
     if params.crf:
         if image is None:
             raise ValueError("CRF needs the image")
-        bg = raw_hr.new_full((1, *scores.shape[1:]), params.bg_value) if params.bg_rule == "threshold" else \
-            (1 - (scores.amax(0, keepdim=True) if len(labels) else torch.zeros_like(scores[:1]))).pow(params.bg_value)
+        bg = background_score(scores, **rule)
         q = dense_crf(image, torch.cat([bg, scores]), iterations=params.crf_iterations)
         lut = torch.tensor([0, *labels], dtype=torch.uint8, device=q.device)
         mask = lut[q.argmax(0)]
@@ -154,7 +152,6 @@ def refine_from_cache(cams: torch.Tensor, attn: torch.Tensor, labels: list[int],
                        class_scores if class_scores is not None else torch.zeros(len(labels)))
 
 
-@CAM_SOURCES.register("clip_es")
 class ClipES:
     """CLIP-ES as a batch callable.
 

@@ -36,5 +36,3 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._items
 
-
-CAM_SOURCES = Registry("CAM source")

@@ -141,15 +141,41 @@ def refine_group(cams: list[torch.Tensor], attn: torch.Tensor, params: CAAParams
     return [refined[i, : c.shape[0]] for i, c in enumerate(cams)]
 
 
+def results_for_group(cams: list[torch.Tensor], attn: torch.Tensor, labels: list[list[int]], size: tuple[int, int],
+                      caa_params: CAAParams, mask_params: MaskParams, images: Sequence[np.ndarray] | None = None,
+                      class_scores: Sequence[torch.Tensor] | None = None) -> list[ImageResult]:
+    """Refinement and pseudo masks for images of one size (no backbone).
+
+    Args:
+        cams: per image [K_i, h, w] in [0, 1]; attn: [B, N, N]; labels: per image its K_i classes.
+        size: the images' (H, W); images: uint8 [H, W, 3] each, needed only for the CRF.
+        class_scores: per image [K_i], carried into the results.
+
+    Returns:
+        one :class:`ImageResult` per image, tensors on the CPU.
+    """
+    if mask_params.crf and images is None:
+        raise ValueError("the dense CRF needs the images")
+    refined = refine_group(cams, attn, caa_params)
+    raw_hr, ref_hr = _upsample(_pad(cams), size), _upsample(_pad(refined), size)
+    out = []
+    for j, ls in enumerate(labels):
+        k = len(ls)
+        image = np.asarray(images[j]) if mask_params.crf and images is not None else None
+        scores, mask_raw, mask, mask_conf = _masks(image, ls, raw_hr[j, :k], ref_hr[j, :k], mask_params)
+        cs = class_scores[j].cpu() if class_scores is not None else torch.zeros(k)
+        out.append(ImageResult(list(ls), cams[j].cpu(), attn[j].cpu(), refined[j].cpu(), scores.cpu(),
+                               mask_raw.cpu(), mask.cpu(), mask_conf.cpu(), cs))
+    return out
+
+
 def refine_from_cache(cams: torch.Tensor, attn: torch.Tensor, labels: list[int], size: tuple[int, int],
                       caa_params: CAAParams, mask_params: MaskParams, image: np.ndarray | None = None,
                       class_scores: torch.Tensor | None = None) -> ImageResult:
-    """Refinement and masks from cached CAMs [K, h, w] and attention [N, N]: no backbone."""
-    refined = refine_group([cams.float()], attn.float()[None], caa_params)[0]
-    raw_hr, hr = _upsample(cams.float(), size), _upsample(refined, size)
-    scores, mask_raw, mask, mask_conf = _masks(image, labels, raw_hr, hr, mask_params)
-    return ImageResult(list(labels), cams, attn, refined, scores, mask_raw, mask, mask_conf,
-                       class_scores if class_scores is not None else torch.zeros(len(labels)))
+    """Refinement and masks from one image's cached CAMs [K, h, w] and attention [N, N]: no backbone."""
+    return results_for_group([cams.float()], attn.float()[None], [list(labels)], size, caa_params, mask_params,
+                             None if image is None else [image],
+                             None if class_scores is None else [class_scores])[0]
 
 
 class ClipES:
@@ -174,6 +200,39 @@ class ClipES:
     def text_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._text.get(self.model, self.prompts)
 
+    def features(self, images: torch.Tensor, attn_layers: Sequence[int] | None = None
+                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor], tuple[int, int]]:
+        """The prompt-independent part of the backbone for images of one size.
+
+        Args:
+            images: uint8 [B, H, W, 3] on any device.
+            attn_layers: the L values to average attention over (default: this CAA's L).
+
+        Returns:
+            x_last: tokens entering the last block [B, S, D]; {L: attention [B, N, N] float32};
+            grid (h, w).
+        """
+        pixels = self.model.preprocess(images.to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            x_last, attn, grid = self.model.forward_features_multi(pixels, attn_layers or [self.caa.attn_layers])
+        return x_last, {n: a.float() for n, a in attn.items()}, grid
+
+    def cams_from_features(self, x_last: torch.Tensor, grid: tuple[int, int], labels: list[list[int]]
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Softmax-GradCAMs from the tokens entering the last block (what depends on the prompts).
+
+        Args:
+            x_last: [B, S, D] for images of one size; grid: (h, w); labels: per image its classes.
+
+        Returns:
+            cams: per image [K_i, h, w] min–max normalised; class_scores: per image [K_i].
+        """
+        fg, bg = self.text_features()
+        flat, scores, _ = softmax_gradcam(self.model, x_last.to(self.device), fg, bg, labels, self.autocast)
+        flat = minmax_normalize(flat, dims=1).view(-1, *grid)
+        counts = [len(ls) for ls in labels]
+        return list(flat.split(counts)), [scores[i, : counts[i]] for i in range(len(labels))]
+
     def backbone(self, images: torch.Tensor, labels: list[list[int]]) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
         """CAMs and attention for images of one size.
 
@@ -185,15 +244,9 @@ class ClipES:
             cams: per image [K_i, h, w] min–max normalised; attn: [B, N, N] float32;
             class_scores: per image [K_i] softmax scores of its present classes.
         """
-        fg, bg = self.text_features()
-        pixels = self.model.preprocess(images.to(self.device, non_blocking=True))
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            x_last, attn, (h, w) = self.model.forward_features(pixels, self.caa.attn_layers)
-        flat, scores, _ = softmax_gradcam(self.model, x_last, fg, bg, labels, self.autocast)
-        flat = minmax_normalize(flat, dims=1).view(-1, h, w)
-        counts = [len(ls) for ls in labels]
-        cams = list(flat.split(counts))
-        return cams, attn.float(), [scores[i, : counts[i]] for i in range(len(labels))]
+        x_last, attn, grid = self.features(images)
+        cams, scores = self.cams_from_features(x_last, grid, labels)
+        return cams, next(iter(attn.values())), scores
 
     def __call__(self, images: Sequence[np.ndarray | torch.Tensor], labels: Sequence[Sequence[int]]) -> list[ImageResult]:
         """Run CLIP-ES on a batch of images of any sizes.
@@ -219,14 +272,9 @@ class ClipES:
                 batch = torch.stack([torch.as_tensor(np.asarray(images[i])) for i in chunk])
                 chunk_labels = [sorted(int(c) for c in labels[i]) for i in chunk]
                 cams, attn, cls_scores = self.backbone(batch, chunk_labels)
-                refined = refine_group(cams, attn, self.caa)
-                raw_hr, ref_hr = _upsample(_pad(cams), size), _upsample(_pad(refined), size)
-                for j, i in enumerate(chunk):
-                    k = len(chunk_labels[j])
-                    img_np = np.asarray(images[i]) if self.masks.crf else None
-                    scores, mask_raw, mask, mask_conf = _masks(img_np, chunk_labels[j], raw_hr[j, :k], ref_hr[j, :k],
-                                                               self.masks)
-                    out[i] = ImageResult(
-                        chunk_labels[j], cams[j].cpu(), attn[j].cpu(), refined[j].cpu(), scores.cpu(),
-                        mask_raw.cpu(), mask.cpu(), mask_conf.cpu(), cls_scores[j].cpu())
+                group = results_for_group(cams, attn, chunk_labels, size, self.caa, self.masks,
+                                          [np.asarray(images[i]) for i in chunk] if self.masks.crf else None,
+                                          cls_scores)
+                for i, res in zip(chunk, group, strict=True):
+                    out[i] = res
         return out  # type: ignore[return-value]

@@ -86,3 +86,25 @@ def test_attention_matches_explicit_computation(tiny):
         x = blk(x)
     torch.testing.assert_close(attn, (expected / 3)[:, 1:, 1:], atol=1e-5, rtol=1e-4)
     assert grid == (4, 5)
+
+
+def test_features_for_several_layer_counts_match_one_at_a_time(tiny):
+    """One forward for L in {1, 2, 4} (and out-of-range L, clamped) equals separate forwards."""
+    vit, es = tiny
+    pixels = vit.preprocess(torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8))
+    x_multi, attn, _ = vit.forward_features_multi(pixels, [4, 1, 2, 99])
+    assert sorted(attn) == [1, 2, vit.depth]
+    for n in (1, 2, 4):
+        x_one, a_one, _ = vit.forward_features(pixels, attn_layers=n)
+        torch.testing.assert_close(attn[min(n, vit.depth)], a_one, atol=1e-6, rtol=0)
+        torch.testing.assert_close(x_multi, x_one, atol=1e-6, rtol=0)
+    # CAMs from cached features equal the one-call backbone
+    images = torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8)
+    labels = [[1, 3], [2]]
+    cams, attn_b, scores = es.backbone(images, labels)
+    x_last, attn_f, grid = es.features(images, [es.caa.attn_layers, 1])
+    cams_f, scores_f = es.cams_from_features(x_last, grid, labels)
+    for a, b in zip(cams, cams_f, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(attn_f[min(es.caa.attn_layers, vit.depth)], attn_b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.cat(scores), torch.cat(scores_f))

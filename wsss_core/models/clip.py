@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from typing import IO, Any
 
 import open_clip
@@ -214,21 +215,47 @@ class ClipViT(torch.nn.Module):
                 (CLS row and column dropped).
             grid: (h, w).
         """
+        x, attn, grid = self.forward_features_multi(pixels, [attn_layers])
+        return x, next(iter(attn.values())), grid
+
+    @torch.no_grad()
+    def forward_features_multi(self, pixels: torch.Tensor, attn_layers: Sequence[int]
+                               ) -> tuple[torch.Tensor, dict[int, torch.Tensor], tuple[int, int]]:
+        """:meth:`forward_features` for several L at once (a sweep over L needs one forward).
+
+        Returns:
+            x_last [B, S, D]; {L: attention [B, N, N] averaged over the last L blocks} (each L
+            clamped to [1, depth]); grid (h, w).
+        """
         x = self.embed(pixels)
         grid = (pixels.shape[2] // self.patch_size, pixels.shape[3] // self.patch_size)
         depth = self.depth
-        L = max(1, min(attn_layers, depth))
+        ls = sorted({max(1, min(int(n), depth)) for n in attn_layers})
+        if not ls:
+            raise ValueError("attn_layers is empty")
+        start = depth - ls[-1]
+        # Running sum over the window; a smaller L's sum is the total minus the sum before its start.
+        before: dict[int, torch.Tensor | None] = {}
         acc: torch.Tensor | None = None
-        for i, block in enumerate(self.blocks[:-1]):
-            if i >= depth - L:
+        for i, block in enumerate(self.blocks):
+            for n in ls:
+                if i == depth - n:
+                    before[n] = acc
+            if i == depth - 1:
+                probs = self._attention_probs(block, block.ln_1(x))
+            elif i >= start:
                 x, probs = self._block_with_probs(block, x)
-                acc = probs if acc is None else acc + probs
             else:
                 x = block(x)
-        last = self.blocks[-1]
-        probs = self._attention_probs(last, last.ln_1(x))
-        acc = probs if acc is None else acc + probs
-        return x, (acc / L)[:, 1:, 1:].contiguous(), grid
+                continue
+            acc = probs if acc is None else acc + probs
+        assert acc is not None
+        out = {}
+        for n in ls:
+            prev = before.get(n)
+            total = acc if prev is None else acc - prev
+            out[n] = (total / n)[:, 1:, 1:].contiguous()
+        return x, out, grid
 
     def last_block_embedding(self, feats: torch.Tensor, x_last: torch.Tensor) -> torch.Tensor:
         """Image embedding from the last block's normalised input.

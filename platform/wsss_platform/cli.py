@@ -89,10 +89,52 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. caa.t=3")
 
 
+def sweep_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"label.dataset.uri": args.dataset, "label.dataset.layout": args.layout,
+             "label.dataset.split": args.split, "output": args.output, "tune.num_trials": args.num_trials,
+             "ray_address": args.address}
+    out = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.overwrite:
+        out.append("overwrite=true")
+    return out + list(args.overrides)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import signal
+
+    from wsss_platform.sweep.config import load_sweep_config
+    from wsss_platform.sweep.job import run_sweep
+
+    cfg, dims = load_sweep_config(args.config, sweep_overrides(args))
+    # `ray job stop` and schedulers send SIGTERM; Tune saves its state on SIGUSR1, so a stopped
+    # sweep resumes where it was.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGUSR1))
+    summary = run_sweep(cfg, dims)
+    if summary.parent_run_id:
+        from wsss_platform import tracking
+
+        print(f"[wsss sweep] MLflow parent run {summary.parent_run_id} ({tracking.tracking_uri()}); open it with: wsss ui")
+    if summary.interrupted:
+        return 130
+    return 0 if summary.best_yaml else 1
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="sweep YAML (see jobs/configs/*sweep*.yaml)")
+    p.add_argument("--dataset", help="dataset root URI (label.dataset.uri)")
+    p.add_argument("--layout", choices=["voc", "coco"], help="label.dataset.layout")
+    p.add_argument("--split", help="label.dataset.split")
+    p.add_argument("--output", help="output URI of the sweep (output)")
+    p.add_argument("--num-trials", type=int, help="tune.num_trials")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output that holds a sweep")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. tune.seed=3")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from wsss_platform import submit
 
-    rest = label_overrides(args) if args.kind == "label" else list(args.overrides)
+    rest = {"label": label_overrides, "sweep": sweep_overrides}[args.kind](args)
     forwarded = (["--config", args.config] if args.config else []) + rest
     job_id = submit.submit(args.kind, [a for a in forwarded if not a.startswith("ray_address=")], args.address,
                            args.submission_id)
@@ -162,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_args(lb)
     lb.set_defaults(func=cmd_label)
 
+    sw = sub.add_parser("sweep", help="search prompt and refinement settings with Ray Tune + Optuna")
+    add_sweep_args(sw)
+    sw.set_defaults(func=cmd_sweep)
+
     sb = sub.add_parser("submit", help="submit a job to a Ray cluster (Job Submission API)")
     sbsub = sb.add_subparsers(dest="kind", required=True)
     sl = sbsub.add_parser("label", help="submit `wsss label`")
@@ -169,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--submission-id", default=None)
     sl.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
     sl.set_defaults(func=cmd_submit)
+
+    ss = sbsub.add_parser("sweep", help="submit `wsss sweep`")
+    add_sweep_args(ss)
+    ss.add_argument("--submission-id", default=None)
+    ss.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
+    ss.set_defaults(func=cmd_submit)
 
     jb = sub.add_parser("jobs", help="follow jobs submitted with `wsss submit`")
     jsub = jb.add_subparsers(dest="action", required=True)

@@ -153,3 +153,24 @@ def open_uri(uri: str, mode: str = "rb", options: StorageOptions | None = None):
 def makedirs(uri: str, options: StorageOptions | None = None) -> None:
     if scheme(uri) == "file":  # object stores have no directories to make
         os.makedirs(filesystem(uri, options)[1], exist_ok=True)
+
+
+def remove(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete a file or a folder tree; absent is fine."""
+    fs, path = filesystem(uri, options)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as e:
+        raise _wrap(uri, "removing", e) from e
+
+
+def pyarrow_filesystem(uri: str, options: StorageOptions | None = None):
+    """(pyarrow filesystem or None for local paths, path) for libraries that take pyarrow's
+    filesystems (Ray Tune's experiment storage), built on the same fsspec settings."""
+    if scheme(uri) == "file":
+        return None, os.path.abspath(filesystem(uri, options)[1])
+    import pyarrow.fs
+
+    fs, path = filesystem(uri, options)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path

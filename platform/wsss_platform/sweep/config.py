@@ -1,0 +1,268 @@
+"""The sweep's typed config and its search space.
+
+A search space maps labeling-config keys (``caa.t``, ``text.template``, ...) to Optuna-style
+declarations::
+
+    caa.box_threshold: {low: 0.2, high: 0.8}            # float (uniform)
+    mask.bg_value:     {low: 0.5, high: 4, log: true}   # float (log-uniform)
+    caa.t:             {low: 1, high: 4}                 # int: the labeling field is an int
+    text.template:     {choices: ["a photo of a {}.", "a clean origami {}."]}
+    mask.bg_value:                                       # conditional on mask.bg_rule
+      threshold: {low: 0.3, high: 0.7}
+      power: {low: 0.5, high: 4, log: true}
+
+Every declaration is checked against the labeling config before any trial starts (each bound and
+each choice must be a valid value of that key), so a typo fails in a second, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from wsss_platform.config import ConfigError, Section, apply_overrides, build_config, read_yaml
+from wsss_platform.label.config import LabelConfig
+
+# Keys a sweep may search, and what changing them costs: "prompt" keys need new CAMs (the last
+# block's Grad-CAM); "refine" keys reuse the cached CAMs and attention.
+SWEEPABLE: dict[str, Literal["prompt", "refine"]] = {
+    "text.template": "prompt",
+    "text.fuse_synonyms": "prompt",
+    "text.use_background": "prompt",
+    "caa.enabled": "refine",
+    "caa.attn_layers": "refine",
+    "caa.box_threshold": "refine",
+    "caa.t": "refine",
+    "caa.sinkhorn_rounds": "refine",
+    "mask.bg_rule": "refine",
+    "mask.bg_value": "refine",
+    "mask.mu": "refine",
+    "mask.crf": "refine",
+}
+BG_RULES = ("threshold", "power")
+CONDITIONAL_SEP = ":"  # "mask.bg_value:power": the bg_value drawn when the rule is power
+
+
+class SubsetConfig(Section):
+    num_images: int = Field(64, ge=1)
+    """Images of the split every trial is scored on (a seeded sample, in dataset order)."""
+    seed: int = 0
+
+
+class TuneSection(Section):
+    num_trials: int = Field(20, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop starting trials after this many seconds (running ones finish)."""
+    seed: int = 0
+    """Seed of Optuna's TPE sampler (same seed + same results = same proposals)."""
+    startup_trials: int = Field(10, ge=1)
+    """Random trials before TPE starts modelling."""
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float | Literal["auto"] = "auto"
+    """auto: share the cluster's GPUs among the concurrent trials (fractions allowed), 0 without GPUs."""
+    early_stopping: bool = True
+    """ASHA over the intermediate mIoU reported after each chunk of the subset."""
+    report_chunks: int = Field(4, ge=1)
+    """Intermediate results per trial (each adds the next chunk of the subset)."""
+
+
+class SweepTracking(Section):
+    enabled: bool = True
+    experiment: str = "wsss-sweep"
+    run_name: str | None = None
+
+
+class SweepConfig(Section):
+    label: LabelConfig = LabelConfig()
+    """The labeling config being tuned (inline, or a path to its YAML in the file)."""
+    objective: Literal["miou", "sharpness"] = "miou"
+    """miou: pseudo-mask mIoU on the subset (needs ground truth; maximised). sharpness: label-free
+    prompt score of CLIP-ES (minimised)."""
+    subset: SubsetConfig = SubsetConfig()
+    search_space: dict[str, Any] = Field(default_factory=dict)
+    tune: TuneSection = TuneSection()
+    output: str = "sweep-output"
+    tracking: SweepTracking = SweepTracking()
+    overwrite: bool = False
+    """Start over in an output that holds a sweep (its cache, trials and results are removed)."""
+    ray_address: str | None = None
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        return "max" if self.objective == "miou" else "min"
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One Optuna distribution: ``choices`` (categorical) or ``low``/``high`` (int or float)."""
+
+    name: str
+    kind: Literal["categorical", "int", "float"]
+    choices: tuple[Any, ...] = ()
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    step: float | None = None
+
+    @property
+    def key(self) -> str:
+        """The labeling-config key this dimension sets."""
+        return self.name.split(CONDITIONAL_SEP, 1)[0]
+
+    @property
+    def when(self) -> str | None:
+        """The background rule a conditional dimension belongs to."""
+        return self.name.split(CONDITIONAL_SEP, 1)[1] if CONDITIONAL_SEP in self.name else None
+
+
+def _field_type(key: str) -> type:
+    section, name = key.split(".")
+    field = LabelConfig.model_fields[section].annotation.model_fields[name]  # type: ignore[union-attr]
+    return field.annotation  # type: ignore[return-value]
+
+
+def _check_value(base: dict[str, Any], key: str, value: Any, what: str, extra: dict[str, Any] | None = None) -> None:
+    """Raise ConfigError naming ``key`` unless the labeling config accepts ``value`` there."""
+    overrides = {key: value, **(extra or {})}
+    data = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    try:
+        build_config(LabelConfig, data, source="label")
+    except ConfigError as e:
+        detail = str(e).split("\n", 1)[-1].strip()
+        raise ConfigError(f"search_space.{key}: {what} {value!r} is not a valid value: {detail}") from None
+
+
+def _parse_dim(base: dict[str, Any], name: str, decl: Any, extra: dict[str, Any] | None = None) -> Dim:
+    key = name.split(CONDITIONAL_SEP, 1)[0]
+    where = f"search_space.{key}" + (f".{name.split(CONDITIONAL_SEP)[1]}" if CONDITIONAL_SEP in name else "")
+    if not isinstance(decl, dict):
+        raise ConfigError(f"{where}: expected a mapping like {{choices: [...]}} or {{low: .., high: ..}}, got {decl!r}")
+    allowed = {"choices", "low", "high", "log", "step"}
+    if unknown := set(decl) - allowed:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; use choices, or low/high with optional log/step")
+    if "choices" in decl:
+        if set(decl) - {"choices"}:
+            raise ConfigError(f"{where}: give either choices or low/high, not both")
+        choices = decl["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}: choices must be a non-empty list, got {choices!r}")
+        for c in choices:
+            if c is not None and not isinstance(c, bool | int | float | str):
+                raise ConfigError(f"{where}: choice {c!r} must be a string, number, boolean or null")
+            _check_value(base, key, c, "choice", extra)
+        if len(set(map(json.dumps, choices))) != len(choices):
+            raise ConfigError(f"{where}: choices repeat a value: {choices!r}")
+        return Dim(name, "categorical", tuple(choices))
+    if "low" not in decl or "high" not in decl:
+        raise ConfigError(f"{where}: a range needs both low and high (or use choices: [...])")
+    ftype = _field_type(key)
+    if ftype in (bool, str) or getattr(ftype, "__origin__", None) is Literal:
+        raise ConfigError(f"{where}: {key} is not numeric; declare it with choices: [...]")
+    low, high, log, step = decl["low"], decl["high"], bool(decl.get("log", False)), decl.get("step")
+    for bound, v in (("low", low), ("high", high)):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"{where}: {bound} must be a number, got {v!r}")
+    if low > high:
+        raise ConfigError(f"{where}: low ({low}) > high ({high})")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: log scale needs low > 0, got {low}")
+    if log and step is not None:
+        raise ConfigError(f"{where}: step cannot be combined with log scale")
+    kind: Literal["int", "float"] = "int" if ftype is int else "float"
+    if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+        raise ConfigError(f"{where}: {key} is an integer; low and high must be integers, got {low}, {high}")
+    if step is not None and (not isinstance(step, int | float) or step <= 0):
+        raise ConfigError(f"{where}: step must be a positive number, got {step!r}")
+    for bound, v in (("low", low), ("high", high)):
+        _check_value(base, key, int(v) if kind == "int" else float(v), f"{bound} bound", extra)
+    return Dim(name, kind, (), float(low), float(high), log, None if step is None else float(step))
+
+
+def parse_search_space(space: dict[str, Any], label: LabelConfig) -> list[Dim]:
+    """Validate the declarations against the labeling config; returns the dimensions in sampling
+    order (``mask.bg_rule`` before the ``mask.bg_value`` that depends on it).
+
+    Raises:
+        ConfigError: naming the key, for an unknown key, an empty choice list, ``low > high``, a
+            bound or choice the labeling config rejects, or a malformed declaration.
+    """
+    if not space:
+        raise ConfigError("search_space is empty: declare at least one key, e.g. caa.t: {low: 1, high: 4}")
+    base = label.model_dump(mode="json")
+    for key in space:
+        if key not in SWEEPABLE:
+            raise ConfigError(f"search_space.{key}: unknown key; sweepable keys: {', '.join(SWEEPABLE)}")
+    dims: list[Dim] = []
+    rule_dim = None
+    if "mask.bg_rule" in space:
+        rule_dim = _parse_dim(base, "mask.bg_rule", space["mask.bg_rule"])
+        if rule_dim.kind != "categorical":
+            raise ConfigError("search_space.mask.bg_rule: declare it with choices: [threshold, power]")
+        dims.append(rule_dim)
+    rules = list(rule_dim.choices) if rule_dim else [label.mask.bg_rule]
+    for key, decl in space.items():
+        if key == "mask.bg_rule":
+            continue
+        if key == "mask.bg_value" and isinstance(decl, dict) and set(decl) and set(decl) <= set(BG_RULES):
+            missing = [r for r in rules if r not in decl]
+            if missing:
+                raise ConfigError(f"search_space.mask.bg_value: no range for rule(s) {missing} that mask.bg_rule can take")
+            dims += [_parse_dim(base, f"{key}{CONDITIONAL_SEP}{r}", decl[r], {"mask.bg_rule": r}) for r in rules]
+            continue
+        extra = {"mask.bg_rule": rules[0]} if key == "mask.bg_value" and len(rules) == 1 else None
+        dim = _parse_dim(base, key, decl, extra)
+        if key == "mask.bg_value" and len(rules) > 1:
+            for r in rules:  # one range for every rule: it must suit each
+                for v in (dim.choices or (dim.low, dim.high)):
+                    _check_value(base, key, v, f"value for rule {r}:", {"mask.bg_rule": r})
+        dims.append(dim)
+    return dims
+
+
+def resolve_params(params: dict[str, Any], base_rule: str) -> dict[str, Any]:
+    """A trial's params as labeling-config keys: ``mask.bg_value:power`` -> ``mask.bg_value`` when the
+    trial's rule is power (the other rule's value, if present, is dropped)."""
+    rule = params.get("mask.bg_rule", base_rule)
+    out = {}
+    for name, value in params.items():
+        key, _, when = name.partition(CONDITIONAL_SEP)
+        if not when or when == rule:
+            out[key] = value
+    return out
+
+
+def apply_params(label: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The labeling config (as a dict) with a trial's params set."""
+    base_rule = label.get("mask", {}).get("bg_rule", "threshold")
+    overrides = resolve_params(params, base_rule)
+    return apply_overrides(label, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+def read_sweep_yaml(path: str | Path) -> dict[str, Any]:
+    """The sweep file with ``label: FILE`` replaced by that file's contents (relative to the working
+    folder, else to the sweep file's folder)."""
+    data = read_yaml(path)
+    label = data.get("label")
+    if isinstance(label, str):
+        candidates = [Path(label), Path(path).parent / label]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise ConfigError(f"label: labeling config {label!r} not found (looked in {os.getcwd()} and "
+                              f"{Path(path).parent})")
+        data["label"] = read_yaml(found)
+    return data
+
+
+def load_sweep_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[SweepConfig, list[Dim]]:
+    """Load, override, validate; the search space is checked here, before Ray starts."""
+    data = read_sweep_yaml(path) if path else {}
+    cfg = build_config(SweepConfig, data, overrides, source=str(path) if path else "defaults + overrides")
+    if cfg.label.cam_source != "clip_es":
+        raise ConfigError(f"label.cam_source: sweeps support clip_es, got {cfg.label.cam_source!r}")
+    return cfg, parse_search_space(cfg.search_space, cfg.label)

@@ -1,0 +1,170 @@
+"""One sweep trial: a labeling config -> pseudo masks of the subset -> objective.
+
+The trial reads the cached features (and the CAMs of its prompt setting, computing and caching
+them when it is the first to ask), refines and masks the subset chunk by chunk, and reports the
+running mIoU after each chunk so that ASHA can stop a poor trial early.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from wsss_core.clip_es import results_for_group
+from wsss_core.masks import IGNORE
+from wsss_core.metrics import ConfusionMatrix
+from wsss_core.prompts import sharpness
+from wsss_platform.config import build_config
+from wsss_platform.label.config import LabelConfig
+from wsss_platform.label.stages import caa_params, device_for, mask_params
+from wsss_platform.storage import StorageOptions
+from wsss_platform.sweep import cache
+from wsss_platform.sweep.config import apply_params
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial shares (sent once through the object store by ``tune.with_parameters``)."""
+
+    output: str
+    label: dict[str, Any]
+    storage: dict[str, Any]
+    """Storage options with credentials as values (the actors need them)."""
+    objective: str
+    report_chunks: int
+    gpus: float
+    locks: str | None = None
+    """Name of the actor that lets one trial per prompt setting compute its CAMs."""
+
+    def options(self) -> StorageOptions:
+        return StorageOptions.model_validate(self.storage)
+
+
+def label_config(ctx: TrialContext, params: dict[str, Any]) -> LabelConfig:
+    return build_config(LabelConfig, apply_params(ctx.label, params), source="trial params")
+
+
+class Scorer:
+    """Confusion matrices of the raw, refined and confident-only masks, filled chunk by chunk."""
+
+    def __init__(self, cfg: LabelConfig, subset: cache.Subset, features: cache.Features, cams: cache.Cams,
+                 device: torch.device) -> None:
+        self.cfg, self.subset, self.features, self.cams, self.device = cfg, subset, features, cams, device
+        self.names = ["background", *subset.class_names]
+        self.cm_raw, self.cm, self.cm_conf = (ConfusionMatrix(len(self.names)) for _ in range(3))
+        self.caa, self.masks = caa_params(cfg), mask_params(cfg)
+        self.layers = min(cfg.caa.attn_layers, max(features.attn))
+        self.done = self.ignored = self.pixels = 0
+        self.scored = False
+
+    def add(self, upto: int) -> None:
+        """Refine, mask and score images [done, upto)."""
+        s = self.subset
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in range(self.done, upto):
+            groups.setdefault((int(s.images[i].shape[0]), int(s.images[i].shape[1])), []).append(i)
+        for size, idx in groups.items():
+            attn = torch.stack([self.features.attn[self.layers][i] for i in idx]).to(self.device, torch.float32)
+            group = results_for_group([self.cams.cams[i].to(self.device) for i in idx], attn, [s.labels[i] for i in idx],
+                                      size, self.caa, self.masks, cache.np_images(s, idx) if self.masks.crf else None)
+            for i, r in zip(idx, group, strict=True):
+                conf = r.mask_conf
+                self.ignored += int((conf == IGNORE).sum())
+                self.pixels += conf.numel()
+                gt = s.masks[i]
+                if gt is None:
+                    continue
+                self.scored = True
+                self.cm_raw.update(r.mask_raw, gt)
+                self.cm.update(r.mask, gt)
+                self.cm_conf.update(r.mask, torch.where(conf == IGNORE, torch.full_like(gt, IGNORE), gt))
+        self.done = upto
+
+    def metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"images": self.done, "ignore_fraction": self.ignored / max(1, self.pixels)}
+        if self.scored:
+            out |= {"miou": self.cm.miou(), "miou_raw": self.cm_raw.miou(), "miou_confident": self.cm_conf.miou()}
+            out |= {f"iou/{n}": v for n, v in zip(self.names, self.cm.iou().tolist(), strict=True) if not math.isnan(v)}
+        return out
+
+
+def _cams_for(cfg: LabelConfig, ctx: TrialContext, subset: cache.Subset, features: cache.Features,
+              device: torch.device) -> tuple[cache.Cams, bool]:
+    """This prompt setting's CAMs: from the cache, else computed (one trial per setting) and cached."""
+    from wsss_platform import storage
+
+    opts = ctx.options()
+    uri = cache.cams_uri(ctx.output, cache.prompt_key(cfg))
+    if storage.exists(uri, opts):
+        return cache.load_cams(uri, opts), True
+    locks = _locks(ctx)
+    claimed = locks is None or _ray_get(locks.claim.remote(uri))
+    if not claimed:
+        _ray_get(locks.wait.remote(uri))
+        if storage.exists(uri, opts):
+            return cache.load_cams(uri, opts), True
+    try:
+        es = cache.clip_es(cfg, subset.class_names, device)
+        cams = cache.compute_cams(es, subset, features, cfg.compute.batch_size)
+        cache.save_cams(cams, uri, opts)
+    finally:
+        if locks is not None and claimed:
+            _ray_get(locks.release.remote(uri))
+    return cams, False
+
+
+def _locks(ctx: TrialContext):
+    if not ctx.locks:
+        return None
+    import ray
+
+    return ray.get_actor(ctx.locks)
+
+
+def _ray_get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
+def evaluate(params: dict[str, Any], ctx: TrialContext, report) -> dict[str, Any]:
+    """Run one trial, calling ``report(metrics)`` after each chunk; returns the last metrics."""
+    cfg = label_config(ctx, params)
+    device = device_for(ctx.gpus)
+    opts = ctx.options()
+    t0 = time.perf_counter()
+    subset = cache.load_subset(cache.subset_uri(ctx.output), opts)
+    features = cache.load_features(cache.features_uri(ctx.output), opts)
+    cams, hit = _cams_for(cfg, ctx, subset, features, device)
+    t_cams = time.perf_counter() - t0
+    sharp = sharpness([s for s in cams.scores if s.numel()]) if any(s.numel() for s in cams.scores) else float("nan")
+    n = len(subset.ids)
+    chunks = ctx.report_chunks if ctx.objective == "miou" else 1
+    scorer = Scorer(cfg, subset, features, cams, device)
+    t_refine = 0.0
+    metrics: dict[str, Any] = {}
+    for upto in sorted({max(1, round(n * (c + 1) / chunks)) for c in range(chunks)}):
+        t1 = time.perf_counter()
+        scorer.add(upto)
+        t_refine += time.perf_counter() - t1
+        metrics = scorer.metrics() | {"sharpness": sharp, "cams_cached": int(hit), "seconds_cams": t_cams,
+                                      "seconds_refine": t_refine, "seconds": time.perf_counter() - t0,
+                                      "complete": int(upto == n)}
+        metrics["objective"] = metrics.get("miou", float("nan")) if ctx.objective == "miou" else sharp
+        report(metrics)
+    return metrics
+
+
+def trainable(config: dict[str, Any], ctx: TrialContext) -> None:
+    """The Ray Tune function trainable."""
+    from ray import tune
+
+    # Tune starts trials in their own folder; paths in the config are relative to the job's folder.
+    if orig := os.environ.get("TUNE_ORIG_WORKING_DIR"):
+        os.chdir(orig)
+    evaluate(config, ctx, tune.report)

@@ -110,7 +110,7 @@ def _masks(image: np.ndarray | None, labels: list[int], raw_hr: torch.Tensor, sc
         bg = background_score(scores, **rule)
         q = dense_crf(image, torch.cat([bg, scores]), iterations=params.crf_iterations)
         lut = torch.tensor([0, *labels], dtype=torch.uint8, device=q.device)
-        mask = lut[q.argmax(0)]
+        mask = lut[q.max(0).indices]
         scores = q[1:]
     else:
         mask = cams_to_mask(scores, labels, **rule)

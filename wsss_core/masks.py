@@ -37,7 +37,8 @@ def cams_to_mask(cams: torch.Tensor, labels: Sequence[int], *, bg_threshold: flo
         raise ValueError(f"{cams.shape[0]} CAMs but {len(labels)} labels")
     scores = torch.cat([background_score(cams, bg_threshold=bg_threshold, bg_power=bg_power), cams])
     lut = torch.tensor([0, *labels], dtype=torch.uint8, device=cams.device)
-    return lut[scores.argmax(0)]
+    # max(0).indices: same first-maximum tie rule as argmax(0), ~10x faster over dim 0 on CPU
+    return lut[scores.max(0).indices]
 
 
 def confidence(scores: torch.Tensor) -> torch.Tensor:

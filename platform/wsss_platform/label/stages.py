@@ -70,15 +70,23 @@ def mask_params(cfg: LabelConfig) -> MaskParams:
     return MaskParams(m.bg_rule, m.bg_value, m.mu, m.crf, m.crf_iterations)
 
 
-@CAM_SOURCES.register("clip_es")
-def build_clip_es(cfg: LabelConfig, classes: ClassSet, device: torch.device) -> Callable[..., Any]:
+def load_clip(cfg: LabelConfig, device: torch.device) -> ClipViT:
     model, tokenizer = create_clip(cfg.model.name, resolve_weights(cfg.model.pretrained, cfg.dataset.storage))
-    vit = ClipViT(model, tokenizer).to(device)
+    return ClipViT(model, tokenizer).to(device)
+
+
+def clip_es_with(vit: ClipViT, cfg: LabelConfig, classes: ClassSet) -> ClipES:
+    """CLIP-ES around an already loaded model (prompts, CAA and mask settings from ``cfg``)."""
     precision = cfg.compute.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if next(vit.parameters()).device.type == "cuda" else "fp32"
     prompts = build_prompts(classes, cfg.text.template, cfg.text.fuse_synonyms, cfg.text.use_background)
     return ClipES(vit, prompts, caa_params(cfg), mask_params(cfg), precision, cfg.compute.batch_size)
+
+
+@CAM_SOURCES.register("clip_es")
+def build_clip_es(cfg: LabelConfig, classes: ClassSet, device: torch.device) -> Callable[..., Any]:
+    return clip_es_with(load_clip(cfg, device), cfg, classes)
 
 
 def build_cam_source(cfg: LabelConfig, classes: ClassSet, device: torch.device) -> Callable[..., Any]:

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from wsss_core.clip_es import ClipES
+from wsss_core.models.clip import ClipViT
 from wsss_platform import storage
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.stages import build_cam_source, class_set
+from wsss_platform.label.stages import class_set, clip_es_with, load_clip
 from wsss_platform.storage import StorageOptions
 
 
@@ -123,11 +124,11 @@ def prompt_key(label: LabelConfig) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def clip_es(label: LabelConfig, class_names: list[str], device: torch.device) -> ClipES:
-    source = build_cam_source(label, class_set(class_names, label), device)
-    if not isinstance(source, ClipES):
-        raise TypeError(f"cam_source {label.cam_source!r} has no cached-feature path")
-    return source
+def clip_es(label: LabelConfig, class_names: list[str], device: torch.device, vit: ClipViT | None = None) -> ClipES:
+    """CLIP-ES for ``label`` (loading the model unless ``vit`` is given)."""
+    if label.cam_source != "clip_es":
+        raise ValueError(f"cam_source {label.cam_source!r} has no cached-feature path")
+    return clip_es_with(vit or load_clip(label, device), label, class_set(class_names, label))
 
 
 def compute_features(es: ClipES, subset: Subset, attn_layers: list[int], batch_size: int) -> Features:
@@ -164,17 +165,13 @@ def compute_cams(es: ClipES, subset: Subset, features: Features, batch_size: int
     return Cams(cams, scores, time.perf_counter() - t0)  # type: ignore[arg-type]
 
 
-def attn_layers_needed(label: LabelConfig, dims: list[Any], depth_hint: int | None = None) -> list[int]:
+def attn_layers_needed(label: LabelConfig, dims: list[Any]) -> list[int]:
     """Every L the trials can ask for: the searched range, else the labeling config's value."""
     for d in dims:
         if d.key == "caa.attn_layers":
             values = d.choices if d.kind == "categorical" else range(int(d.low), int(d.high) + 1, int(d.step or 1))
             return sorted({int(v) for v in values})
     return [label.caa.attn_layers]
-
-
-def stack_group(items: list[torch.Tensor], idx: list[int]) -> torch.Tensor:
-    return torch.stack([items[i] for i in idx])
 
 
 def np_images(subset: Subset, idx: list[int]) -> list[np.ndarray]:

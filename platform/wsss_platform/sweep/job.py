@@ -203,7 +203,7 @@ def _trial_rows(results, dims: list[Dim], n_images: int) -> list[dict[str, Any]]
                "ignore_fraction": m.get("ignore_fraction"), "images": m.get("images"), "of_images": n_images,
                "cams_cached": m.get("cams_cached"), "seconds": m.get("seconds"),
                "error": str(r.error).splitlines()[0][:500] if r.error else None}
-        row |= {f"param:{k}": r.config.get(k) for k in names}
+        row |= {f"param:{k}": (r.config or {}).get(k) for k in names}
         rows.append(row)
     return rows
 
@@ -228,6 +228,9 @@ def _finish_parent(client, run_id: str, summary: SweepSummary, rows: list[dict[s
                "trials_failed": summary.errored}
     if summary.best_value is not None:
         metrics["best_objective"] = summary.best_value
+    # MLflow params are write-once: the best config becomes params only when the sweep is complete
+    # (an interrupted sweep's best so far is in best.yaml and the trials table).
+    if summary.best_value is not None and not summary.interrupted:
         for k, v in summary.best_params.items():
             client.log_param(run_id, f"best.{k}", str(v))
     for k, v in metrics.items():
@@ -331,6 +334,7 @@ def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
                 tune_config=tune.TuneConfig(
                     search_alg=searcher(cfg, dims), scheduler=scheduler, num_samples=cfg.tune.num_trials,
                     max_concurrent_trials=cfg.tune.max_concurrent_trials, time_budget_s=cfg.tune.time_budget_s,
+                    reuse_actors=True,  # a trial's actor (and its loaded caches) serves the next trial
                     trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=tune_root, storage_filesystem=pa_fs,
                                           callbacks=callbacks, verbose=1))

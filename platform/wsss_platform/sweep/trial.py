@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ from wsss_core.metrics import ConfusionMatrix
 from wsss_core.prompts import sharpness
 from wsss_platform.config import build_config
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.stages import caa_params, device_for, mask_params
+from wsss_platform.label.stages import caa_params, device_for, load_clip, mask_params
 from wsss_platform.storage import StorageOptions
 from wsss_platform.sweep import cache
 from wsss_platform.sweep.config import apply_params
@@ -43,6 +45,22 @@ class TrialContext:
 
     def options(self) -> StorageOptions:
         return StorageOptions.model_validate(self.storage)
+
+
+# Loaded caches by URI. Tune reuses a trial's actor for the next trial (reuse_actors), so a
+# refinement-only trial usually reads nothing from storage; cache files never change once written.
+_MEMO: OrderedDict[str, Any] = OrderedDict()
+_MEMO_SIZE = 8
+
+
+def _memo(uri: str, load: Callable[[], Any]) -> Any:
+    if uri in _MEMO:
+        _MEMO.move_to_end(uri)
+        return _MEMO[uri]
+    value = _MEMO[uri] = load()
+    while len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return value
 
 
 def label_config(ctx: TrialContext, params: dict[str, Any]) -> LabelConfig:
@@ -100,18 +118,21 @@ def _cams_for(cfg: LabelConfig, ctx: TrialContext, subset: cache.Subset, feature
 
     opts = ctx.options()
     uri = cache.cams_uri(ctx.output, cache.prompt_key(cfg))
-    if storage.exists(uri, opts):
-        return cache.load_cams(uri, opts), True
+    if uri in _MEMO or storage.exists(uri, opts):
+        return _memo(uri, lambda: cache.load_cams(uri, opts)), True
     locks = _locks(ctx)
     claimed = locks is None or _ray_get(locks.claim.remote(uri))
     if not claimed:
         _ray_get(locks.wait.remote(uri))
         if storage.exists(uri, opts):
-            return cache.load_cams(uri, opts), True
+            return _memo(uri, lambda: cache.load_cams(uri, opts)), True
     try:
-        es = cache.clip_es(cfg, subset.class_names, device)
+        model_key = f"model:{cfg.model.name}|{cfg.model.pretrained}|{device}"
+        vit = _memo(model_key, lambda: load_clip(cfg, device))
+        es = cache.clip_es(cfg, subset.class_names, device, vit)
         cams = cache.compute_cams(es, subset, features, cfg.compute.batch_size)
         cache.save_cams(cams, uri, opts)
+        _memo(uri, lambda: cams)
     finally:
         if locks is not None and claimed:
             _ray_get(locks.release.remote(uri))
@@ -138,8 +159,9 @@ def evaluate(params: dict[str, Any], ctx: TrialContext, report) -> dict[str, Any
     device = device_for(ctx.gpus)
     opts = ctx.options()
     t0 = time.perf_counter()
-    subset = cache.load_subset(cache.subset_uri(ctx.output), opts)
-    features = cache.load_features(cache.features_uri(ctx.output), opts)
+    s_uri, f_uri = cache.subset_uri(ctx.output), cache.features_uri(ctx.output)
+    subset = _memo(s_uri, lambda: cache.load_subset(s_uri, opts))
+    features = _memo(f_uri, lambda: cache.load_features(f_uri, opts))
     cams, hit = _cams_for(cfg, ctx, subset, features, device)
     t_cams = time.perf_counter() - t0
     sharp = sharpness([s for s in cams.scores if s.numel()]) if any(s.numel() for s in cams.scores) else float("nan")

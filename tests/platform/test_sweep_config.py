@@ -1,0 +1,115 @@
+"""Sweep configs: every bad search-space declaration fails before any trial, naming the key."""
+
+import pytest
+import yaml
+
+from wsss_platform.cli import main
+from wsss_platform.config import ConfigError, build_config
+from wsss_platform.label.config import LabelConfig
+from wsss_platform.sweep.config import load_sweep_config, parse_search_space, resolve_params
+from wsss_platform.sweep.job import best_label_data, choose_subset, fingerprint
+
+LABEL = {"model": {"name": "tiny", "pretrained": "none"}, "mask": {"crf": False}}
+
+
+def write(tmp_path, space, **extra):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"label": LABEL, "search_space": space, "output": str(tmp_path / "out"), **extra}))
+    return path
+
+
+@pytest.mark.parametrize("space, key, words", [
+    ({"caa.tt": {"low": 1, "high": 3}}, "search_space.caa.tt", "unknown key"),
+    ({"dataset.uri": {"choices": ["a"]}}, "search_space.dataset.uri", "unknown key"),
+    ({"text.template": {"choices": []}}, "search_space.text.template", "non-empty list"),
+    ({"caa.box_threshold": {"low": 0.8, "high": 0.2}}, "search_space.caa.box_threshold", "low (0.8) > high (0.2)"),
+    ({"caa.t": {"low": 1, "high": 20}}, "search_space.caa.t", "less than or equal to 8"),
+    ({"caa.t": {"low": 1.5, "high": 3}}, "search_space.caa.t", "integer"),
+    ({"mask.mu": {"low": 0.0, "high": 0.9, "log": True}}, "search_space.mask.mu", "log scale needs low > 0"),
+    ({"text.template": {"choices": ["no slot here"]}}, "search_space.text.template", "slot"),
+    ({"text.template": {"low": 0, "high": 1}}, "search_space.text.template", "not numeric"),
+    ({"caa.t": {"low": 1}}, "search_space.caa.t", "both low and high"),
+    ({"caa.t": {"low": 1, "high": 2, "stepp": 1}}, "search_space.caa.t", "unknown field"),
+    ({"mask.bg_value": {"low": 0.2, "high": 3.0}}, "search_space.mask.bg_value", "threshold must be in (0, 1]"),
+    ({"mask.bg_rule": {"choices": ["threshold", "power"]}, "mask.bg_value": {"threshold": {"low": 0.3, "high": 0.7}}},
+     "search_space.mask.bg_value", "no range for rule(s) ['power']"),
+    ({"mask.bg_rule": {"choices": ["threshold", "ratio"]}}, "search_space.mask.bg_rule", "'ratio'"),
+    ({}, "search_space", "empty"),
+])
+def test_bad_declarations_name_the_key(tmp_path, space, key, words):
+    with pytest.raises(ConfigError) as e:
+        load_sweep_config(write(tmp_path, space))
+    assert key in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    path = write(tmp_path, {"caa.box_threshold": {"low": 0.9, "high": 0.1}})
+    assert main(["sweep", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "search_space.caa.box_threshold: low (0.9) > high (0.1)" in err
+    assert not (tmp_path / "out").exists()  # no subset, no cache, no trial
+    assert not ray.is_initialized()
+
+
+def test_good_space_types_follow_the_labeling_fields(tmp_path):
+    cfg, dims = load_sweep_config(write(tmp_path, {
+        "caa.t": {"low": 1, "high": 4},
+        "caa.box_threshold": {"low": 0.2, "high": 0.8, "step": 0.1},
+        "text.template": {"choices": ["a photo of a {}.", "a clean origami {}."]},
+        "mask.bg_value": {"threshold": {"low": 0.3, "high": 0.7}, "power": {"low": 0.5, "high": 4, "log": True}},
+        "mask.bg_rule": {"choices": ["threshold", "power"]},
+    }), ["tune.num_trials=3"])
+    kinds = {d.name: d.kind for d in dims}
+    assert kinds == {"mask.bg_rule": "categorical", "caa.t": "int", "caa.box_threshold": "float",
+                     "text.template": "categorical", "mask.bg_value:threshold": "float", "mask.bg_value:power": "float"}
+    assert dims[0].name == "mask.bg_rule"  # drawn before the value that depends on it
+    assert cfg.tune.num_trials == 3 and cfg.mode == "max"
+
+
+def test_label_file_reference_and_overrides(tmp_path):
+    (tmp_path / "label.yaml").write_text(yaml.safe_dump(LABEL | {"dataset": {"uri": "somewhere"}}))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"label": "label.yaml", "objective": "sharpness",
+                                    "search_space": {"text.fuse_synonyms": {"choices": [True, False]}}}))
+    cfg, _ = load_sweep_config(path, ["label.dataset.uri=/data/voc"])  # found beside the sweep file
+    assert cfg.label.dataset.uri == "/data/voc" and cfg.label.model.name == "tiny" and cfg.mode == "min"
+    path.write_text(yaml.safe_dump({"label": "missing.yaml", "search_space": {}}))
+    with pytest.raises(ConfigError, match=r"label: labeling config 'missing\.yaml' not found"):
+        load_sweep_config(path)
+
+
+def test_params_resolve_to_labeling_keys_and_best_config_loads():
+    assert resolve_params({"mask.bg_rule": "power", "mask.bg_value:power": 2.0, "mask.bg_value:threshold": 0.4},
+                          "threshold") == {"mask.bg_rule": "power", "mask.bg_value": 2.0}
+    assert resolve_params({"mask.bg_value:threshold": 0.4}, "threshold") == {"mask.bg_value": 0.4}
+    label = LABEL | {"dataset": {"uri": "s3://b/voc", "storage": {"key": "AKIA", "secret": "s3cr3t"}}}
+    from wsss_platform.sweep.config import SweepConfig
+
+    cfg = build_config(SweepConfig, {"label": label})
+    best = best_label_data(cfg, {"caa.t": 3, "text.template": "a photo of a {}."})
+    assert "key" not in best["dataset"]["storage"] and "secret" not in best["dataset"]["storage"]
+    loaded = build_config(LabelConfig, best)
+    assert loaded.caa.t == 3 and loaded.text.template == "a photo of a {}." and loaded.model.name == "tiny"
+    assert "caa" in best and set(best["caa"]) == {"t"}  # only what was set: defaults stay defaults
+
+
+def test_fingerprint_and_subset_are_stable():
+    from wsss_platform.sweep.config import SweepConfig
+
+    a = build_config(SweepConfig, {"label": LABEL, "search_space": {"caa.t": {"low": 1, "high": 2}}})
+    b = build_config(SweepConfig, {"label": LABEL, "search_space": {"caa.t": {"low": 1, "high": 2}},
+                                   "overwrite": True, "ray_address": "auto"})
+    c = build_config(SweepConfig, {"label": LABEL, "search_space": {"caa.t": {"low": 1, "high": 3}}})
+    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+    ids = [str(i) for i in range(50)]
+    assert choose_subset(ids, 10, 0) == choose_subset(ids, 10, 0) != choose_subset(ids, 10, 1)
+    assert choose_subset(ids, 10, 0) == sorted(choose_subset(ids, 10, 0), key=int)  # dataset order
+    assert choose_subset(ids, 99, 0) == ids
+
+
+def test_parse_search_space_checks_values_against_the_label_config():
+    label = LabelConfig()
+    with pytest.raises(ConfigError, match=r"search_space.caa.attn_layers: high bound 100"):
+        parse_search_space({"caa.attn_layers": {"low": 1, "high": 100}}, label)

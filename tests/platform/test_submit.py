@@ -9,10 +9,11 @@ from wsss_platform.cli import main
 from wsss_platform.datasets.demo import write_demo_dataset
 
 from .test_label import TINY
+from .test_sweep import sweep_file
 
 
 def job_id_from(out: str) -> str:
-    return re.search(r"submitted label job (\S+)", out).group(1)
+    return re.search(r"submitted (?:label|sweep) job (\S+)", out).group(1)
 
 
 def test_submit_follow_status_logs_and_stop(tmp_path, ray_head, capsys):
@@ -57,3 +58,16 @@ def test_submit_needs_an_address(monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["jobs", "status", "x"]) == 2
     assert "no cluster address" in capsys.readouterr().err
+
+
+def test_submit_sweep(tmp_path, ray_head, capsys):
+    write_demo_dataset(str(tmp_path / "voc"), "voc", 8, seed=33)
+    path = sweep_file(tmp_path, tmp_path / "voc")
+    rc = main(["submit", "sweep", "--address", ray_head, "--config", str(path), "--num-trials", "3",
+               "tracking.enabled=false", "tune.max_concurrent_trials=1", "--follow"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed[-3000:]
+    assert re.search(r"\[wsss sweep\] \d trials complete, \d stopped early, 0 failed \(budget 3\)", printed)
+    assert (tmp_path / "sweep" / "best.yaml").is_file()
+    assert main(["jobs", "status", job_id_from(printed), "--address", ray_head]) == 0
+    assert "SUCCEEDED" in capsys.readouterr().out

@@ -87,6 +87,17 @@ def test_cached_trials_equal_the_labeling_path(tmp_path):
         assert math.isfinite(final["sharpness"]) and final["iou/background"] >= 0
     assert len(list((tmp_path / "sweep" / "cache").glob("cams-*.pt"))) == 2  # one per distinct prompt setting
 
+    # sharpness: a label-free objective of the prompt setting alone, reported once
+    sharp_ctx = TrialContext(out, payload, payload["dataset"]["storage"], "sharpness", report_chunks=3, gpus=0.0)
+    reports = []
+    final = evaluate(trials[2], sharp_ctx, reports.append)
+    assert len(reports) == 1 and final["objective"] == final["sharpness"] and final["complete"] == 1
+    from wsss_core.prompts import sharpness
+
+    cams = cache.load_cams(cache.cams_uri(out, cache.prompt_key(build_config(LabelConfig, apply_params(payload, trials[2])))),
+                           cfg.label.dataset.storage)
+    assert final["sharpness"] == pytest.approx(sharpness([s for s in cams.scores if s.numel()]))
+
 
 def sweep_file(tmp_path: Path, data: Path, **extra) -> Path:
     label = TINY_LABEL | {"dataset": {"uri": str(data)}, "output": str(tmp_path / "labels"),

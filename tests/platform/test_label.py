@@ -88,7 +88,9 @@ def test_label_coco_local(tmp_path, ray_local, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     write_demo_dataset(str(tmp_path / "coco"), "coco", 10, seed=12)
-    cfg = label_config(str(tmp_path / "coco"), str(tmp_path / "out"), "coco", ("tracking.enabled=false",))
+    # separate loader actors (the GPU default; CPU-only clusters load inside the labelers)
+    cfg = label_config(str(tmp_path / "coco"), str(tmp_path / "out"), "coco",
+                       ("tracking.enabled=false", "compute.loader_actors=2"))
     summary = run_label(cfg)
     check_outputs(cfg, summary)
     mapping = json.loads((tmp_path / "out" / "run.json").read_text())["classes"]["category_id_to_label"]

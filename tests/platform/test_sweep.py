@@ -223,3 +223,24 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert len(finished) == 6 and len({c.data.tags["trial_name"] for c in finished}) == 6
     assert not [c for c in children if c.info.status == "RUNNING"]
     assert np.isfinite(parent.data.metrics["best_objective"])
+
+
+def test_sweep_on_s3(s3_bucket, ray_local, tmp_path, monkeypatch):
+    """Dataset, caches, Tune's experiment state and best.yaml all on object storage."""
+    from wsss_platform import storage
+
+    monkeypatch.chdir(tmp_path)
+    write_demo_dataset(f"{s3_bucket}/voc", "voc", 8, seed=10)
+    path = sweep_file(tmp_path, Path("unused"), output=f"{s3_bucket}/sweep", tracking={"enabled": False},
+                      tune={"num_trials": 3, "max_concurrent_trials": 1})
+    cfg, dims = load_sweep_config(path, [f"label.dataset.uri={s3_bucket}/voc"])
+    summary = run_sweep(cfg, dims)
+    assert summary.complete + summary.stopped == 3 and summary.errored == 0
+    names = storage.list_names(f"{s3_bucket}/sweep")
+    assert {"best.yaml", "trials.csv", "sweep.json", "cache", "tune"} <= set(names)
+    assert "features.pt" in storage.list_names(f"{s3_bucket}/sweep/cache")
+    best = yaml.safe_load(storage.read_text(f"{s3_bucket}/sweep/best.yaml"))
+    assert best["dataset"]["uri"] == f"{s3_bucket}/voc"
+    # the same command again finds the finished experiment on S3 and runs nothing new
+    again = run_sweep(cfg, dims)
+    assert again.resumed and again.complete + again.stopped == 3 and again.best_value == summary.best_value

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -70,7 +70,10 @@ class ComputeConfig(Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int | None = Field(None, ge=1)
     """CPU threads for torch in each labeling actor; None keeps Ray's choice (= cpus_per_actor)."""
-    loader_actors: int = Field(2, ge=1)
+    loader_actors: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    """Actors that read and decode images. 0: each labeler loads its own batches (on a few threads).
+    auto: 2 when the labelers use GPUs, 0 when they run on CPUs (separate loaders would only compete
+    with them for the same cores)."""
     loader_batch_size: int = Field(8, ge=1)
 
 

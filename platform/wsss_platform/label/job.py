@@ -28,7 +28,7 @@ from wsss_platform.config import flatten
 from wsss_platform.datasets import Dataset, open_dataset
 from wsss_platform.datasets.base import decode_mask
 from wsss_platform.label import outputs
-from wsss_platform.label.actors import Labeler, Loader
+from wsss_platform.label.actors import Labeler, Loader, LoadingLabeler
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.preview import grid
 from wsss_platform.label.stages import check_model_paths
@@ -93,17 +93,24 @@ def _pipeline(cfg: LabelConfig, ds: Dataset, todo: list[str]):
     import ray
 
     gpus, min_actors, max_actors = _actor_pool(cfg)
+    loaders = cfg.compute.loader_actors
+    if loaders == "auto":
+        loaders = 2 if gpus > 0 else 0
     rows = ray.data.from_items([{"image_id": i} for i in todo],
                                override_num_blocks=max(1, min(len(todo), len(todo) // cfg.compute.loader_batch_size)))
     dataset = _dataset_payload(cfg)
-    loaded = rows.map_batches(
-        Loader, fn_constructor_kwargs={"dataset": dataset},
-        batch_size=cfg.compute.loader_batch_size, batch_format="numpy", num_cpus=0.5,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors))
-    return loaded.map_batches(
-        Labeler,
-        fn_constructor_kwargs={"config": cfg.model_dump(mode="json") | {"dataset": dataset},
-                               "class_names": list(ds.classes.names), "gpus": gpus},
+    labeler_kwargs = {"config": cfg.model_dump(mode="json") | {"dataset": dataset},
+                      "class_names": list(ds.classes.names), "gpus": gpus}
+    if loaders:
+        rows = rows.map_batches(
+            Loader, fn_constructor_kwargs={"dataset": dataset},
+            batch_size=cfg.compute.loader_batch_size, batch_format="numpy", num_cpus=0.5,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=loaders))
+        labeler = Labeler
+    else:
+        labeler, labeler_kwargs = LoadingLabeler, labeler_kwargs | {"dataset": dataset}
+    return rows.map_batches(
+        labeler, fn_constructor_kwargs=labeler_kwargs,
         batch_size=cfg.compute.batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
         # Ray Data restarts a dead actor and retries its batch (max_restarts/max_task_retries -1 by
         # default); outputs are idempotent and keyed by image id, so a retry writes nothing twice.

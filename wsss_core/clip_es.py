@@ -269,7 +269,7 @@ class ClipES:
         for size, idx in groups.items():
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start: start + self.batch_size]
-                batch = torch.stack([torch.as_tensor(np.asarray(images[i])) for i in chunk])
+                batch = torch.from_numpy(np.stack([np.asarray(images[i]) for i in chunk]))  # a copy: inputs may be read-only
                 chunk_labels = [sorted(int(c) for c in labels[i]) for i in chunk]
                 cams, attn, cls_scores = self.backbone(batch, chunk_labels)
                 group = results_for_group(cams, attn, chunk_labels, size, self.caa, self.masks,

@@ -244,3 +244,9 @@ def test_sweep_on_s3(s3_bucket, ray_local, tmp_path, monkeypatch):
     # the same command again finds the finished experiment on S3 and runs nothing new
     again = run_sweep(cfg, dims)
     assert again.resumed and again.complete + again.stopped == 3 and again.best_value == summary.best_value
+    # a different budget into the same output is refused, naming what changed
+    from wsss_platform.config import ConfigError
+
+    bigger = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"num_trials": 4})})
+    with pytest.raises(ConfigError, match=r"holds a different sweep \(changed: tune\.num_trials\)"):
+        run_sweep(bigger, dims)

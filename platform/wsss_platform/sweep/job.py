@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from wsss_platform import storage
-from wsss_platform.config import ConfigError, build_config
+from wsss_platform.config import ConfigError, build_config, flatten
 from wsss_platform.datasets import open_dataset
 from wsss_platform.datasets.base import DatasetError
 from wsss_platform.label.config import LabelConfig
@@ -277,8 +277,11 @@ def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
     state_uri = storage.join(out, "sweep.json")
     state = json.loads(storage.read_text(state_uri, opts)) if storage.exists(state_uri, opts) else {}
     if state and state.get("fingerprint") != fp:
-        raise ConfigError(f"{out} holds a different sweep (started with another config); pass a new --output, or "
-                          "overwrite=true to start over there")
+        old, new = flatten(state.get("config", {})), flatten(cfg.model_dump(mode="json"))
+        changed = sorted(k for k in old.keys() | new.keys()
+                         if old.get(k) != new.get(k) and k not in ("overwrite", "ray_address", "tracking.run_name"))
+        raise ConfigError(f"{out} holds a different sweep (changed: {', '.join(changed[:8]) or 'config'}); pass a new "
+                          "--output, or overwrite=true to start over there")
     summary = SweepSummary(output=out, num_trials=cfg.tune.num_trials, objective=cfg.objective)
 
     subset = None if storage.exists(cache.subset_uri(out), opts) else write_subset(cfg, out, log)

@@ -175,6 +175,7 @@ def finished_trials(out: Path) -> dict[str, str]:
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    pytest.importorskip("pydensecrf.densecrf")  # the CRF paces the trials (installed by `make`)
     write_demo_dataset(str(tmp_path / "voc"), "voc", 40, seed=9)
     # The CRF makes each trial take a second or so: time to interrupt between trials.
     path = sweep_file(tmp_path, tmp_path / "voc", subset={"num_images": 32},

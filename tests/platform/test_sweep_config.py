@@ -115,3 +115,31 @@ def test_parse_search_space_checks_values_against_the_label_config():
     label = LabelConfig()
     with pytest.raises(ConfigError, match=r"search_space.caa.attn_layers: high bound 100"):
         parse_search_space({"caa.attn_layers": {"low": 1, "high": 100}}, label)
+
+
+def test_seeded_searcher_proposes_the_same_trials_and_respects_conditions(tmp_path):
+    from wsss_platform.sweep.search import searcher
+
+    cfg, dims = load_sweep_config(write(tmp_path, {
+        "mask.bg_rule": {"choices": ["threshold", "power"]},
+        "mask.bg_value": {"threshold": {"low": 0.3, "high": 0.7}, "power": {"low": 0.5, "high": 4, "log": True}},
+        "caa.t": {"low": 1, "high": 4}}), ["tune.seed=7", "tune.startup_trials=2"])
+
+    def proposals(seed_cfg):
+        s = searcher(seed_cfg, dims)
+        out = []
+        for i in range(6):
+            params = s.suggest(f"t{i}")
+            s.on_trial_complete(f"t{i}", {"objective": float(params["caa.t"]) / 10})
+            out.append(params)
+        return out
+
+    a, b = proposals(cfg), proposals(cfg)
+    assert a == b
+    for p in a:
+        rule = p["mask.bg_rule"]
+        assert set(p) == {"mask.bg_rule", f"mask.bg_value:{rule}", "caa.t"}  # only the drawn rule's value
+        low, high = (0.3, 0.7) if rule == "threshold" else (0.5, 4)
+        assert low <= p[f"mask.bg_value:{rule}"] <= high and p["caa.t"] in (1, 2, 3, 4)
+    other = proposals(cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"seed": 8})}))
+    assert other != a

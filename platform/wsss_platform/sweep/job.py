@@ -82,8 +82,13 @@ class CacheLocks:
         self.events[key] = asyncio.Event()
         return True
 
-    async def wait(self, key: str) -> None:
-        await self.events[key].wait()
+    async def wait(self, key: str, timeout: float) -> bool:
+        """True once the claimant is done; False after ``timeout`` s (a claimant that died never releases)."""
+        try:
+            await asyncio.wait_for(self.events[key].wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
 
     async def release(self, key: str) -> None:
         self.events[key].set()

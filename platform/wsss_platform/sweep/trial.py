@@ -51,6 +51,7 @@ class TrialContext:
 # refinement-only trial usually reads nothing from storage; cache files never change once written.
 _MEMO: OrderedDict[str, Any] = OrderedDict()
 _MEMO_SIZE = 8
+CLAIM_WAIT_S = 600.0
 
 
 def _memo(uri: str, load: Callable[[], Any]) -> Any:
@@ -123,7 +124,7 @@ def _cams_for(cfg: LabelConfig, ctx: TrialContext, subset: cache.Subset, feature
     locks = _locks(ctx)
     claimed = locks is None or _ray_get(locks.claim.remote(uri))
     if not claimed:
-        _ray_get(locks.wait.remote(uri))
+        _ray_get(locks.wait.remote(uri, CLAIM_WAIT_S))  # on timeout: compute them here
         if storage.exists(uri, opts):
             return _memo(uri, lambda: cache.load_cams(uri, opts)), True
     try:

@@ -75,11 +75,21 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a local file or a URI (``s3://…/best.yaml``)."""
     p = Path(path)
-    if not p.is_file():
+    if "://" in str(path):
+        from wsss_platform import storage
+
+        try:
+            text = storage.read_text(str(path))
+        except storage.StorageError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    elif not p.is_file():
         raise ConfigError(f"config file not found: {p}")
+    else:
+        text = p.read_text()
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
     if not isinstance(data, dict):

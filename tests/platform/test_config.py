@@ -1,3 +1,4 @@
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -48,3 +49,19 @@ def test_bad_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(Cfg, tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[2] / "jobs" / "configs").glob("*.yaml")))
+def test_example_configs_load(name, monkeypatch):
+    """Every shipped example config validates (sweeps: with their search space)."""
+    from wsss_platform.label.config import LabelConfig
+    from wsss_platform.sweep.config import load_sweep_config
+
+    root = Path(__file__).parents[2]
+    monkeypatch.chdir(root)
+    path = root / "jobs" / "configs" / name
+    if "sweep" in name:
+        cfg, dims = load_sweep_config(path)
+        assert dims and cfg.label.cam_source == "clip_es"
+    else:
+        assert load_config(LabelConfig, path).model.name

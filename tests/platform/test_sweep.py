@@ -240,8 +240,8 @@ def test_sweep_on_s3(s3_bucket, ray_local, tmp_path, monkeypatch):
     names = storage.list_names(f"{s3_bucket}/sweep")
     assert {"best.yaml", "trials.csv", "sweep.json", "cache", "tune"} <= set(names)
     assert "features.pt" in storage.list_names(f"{s3_bucket}/sweep/cache")
-    best = yaml.safe_load(storage.read_text(f"{s3_bucket}/sweep/best.yaml"))
-    assert best["dataset"]["uri"] == f"{s3_bucket}/voc"
+    best = load_config(LabelConfig, f"{s3_bucket}/sweep/best.yaml")  # `wsss label --config s3://…` reads it
+    assert best.dataset.uri == f"{s3_bucket}/voc"
     # the same command again finds the finished experiment on S3 and runs nothing new
     again = run_sweep(cfg, dims)
     assert again.resumed and again.complete + again.stopped == 3 and again.best_value == summary.best_value

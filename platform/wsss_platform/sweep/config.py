@@ -250,6 +250,9 @@ def read_sweep_yaml(path: str | Path) -> dict[str, Any]:
     data = read_yaml(path)
     label = data.get("label")
     if isinstance(label, str):
+        if "://" in label:
+            data["label"] = read_yaml(label)
+            return data
         candidates = [Path(label), Path(path).parent / label]
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:

@@ -288,6 +288,10 @@ def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
         raise ConfigError(f"{out} holds a different sweep (changed: {', '.join(changed[:8]) or 'config'}); pass a new "
                           "--output, or overwrite=true to start over there")
     summary = SweepSummary(output=out, num_trials=cfg.tune.num_trials, objective=cfg.objective)
+    # Claim the output before caching anything in it, so a later, different sweep cannot pick up these caches.
+    state = {"fingerprint": fp, "config": cfg.model_dump(mode="json"), "code": code_version()} | {
+        k: v for k, v in state.items() if k in ("parent_run_id", "subset")}
+    storage.write_text(state_uri, json.dumps(state, indent=2), opts)
 
     subset = None if storage.exists(cache.subset_uri(out), opts) else write_subset(cfg, out, log)
     if subset is None:
@@ -313,8 +317,7 @@ def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
     if cfg.tracking.enabled:
         client, parent = _mlflow_parent(cfg, out, state)
         summary.parent_run_id = parent
-    state = {"fingerprint": fp, "parent_run_id": parent, "config": cfg.model_dump(mode="json"),
-             "subset": subset.ids, "code": code_version(), "updated_at": time.time()}
+    state |= {"parent_run_id": parent, "subset": subset.ids, "updated_at": time.time()}
     storage.write_text(state_uri, json.dumps(state, indent=2), opts)
 
     locks_name = f"wsss-sweep-locks-{uuid.uuid4().hex[:8]}"

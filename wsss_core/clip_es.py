@@ -104,9 +104,7 @@ def _masks(image: np.ndarray | None, labels: list[int], raw_hr: torch.Tensor, sc
     """(scores, mask_raw, mask, mask_conf) for one image from upsampled maps [K, H, W]."""
     rule = params.rule()
     mask_raw = cams_to_mask(raw_hr, labels, **rule)
-    if params.crf:
-        if image is None:
-            raise ValueError("CRF needs the image")
+    if params.crf:  # results_for_group has checked that the image is there
         bg = background_score(scores, **rule)
         q = dense_crf(image, torch.cat([bg, scores]), iterations=params.crf_iterations)
         lut = torch.tensor([0, *labels], dtype=torch.uint8, device=q.device)

@@ -54,14 +54,21 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
-def label_overrides(args: argparse.Namespace) -> list[str]:
-    """Flags for the common fields become overrides, applied before the key=value ones."""
-    flags = {"dataset.uri": args.dataset, "dataset.layout": args.layout, "dataset.split": args.split,
-             "output": args.output, "ray_address": args.address}
+def job_overrides(args: argparse.Namespace, dataset_key: str, extra: dict[str, object] | None = None) -> list[str]:
+    """Flags for the common fields become overrides, applied before the key=value ones.
+
+    ``dataset_key`` is where the dataset section lives: ``dataset`` (labeling) or ``label.dataset`` (sweeps).
+    """
+    flags = {f"{dataset_key}.uri": args.dataset, f"{dataset_key}.layout": args.layout,
+             f"{dataset_key}.split": args.split, "output": args.output, "ray_address": args.address, **(extra or {})}
     out = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.overwrite:
         out.append("overwrite=true")
     return out + list(args.overrides)
+
+
+def label_overrides(args: argparse.Namespace) -> list[str]:
+    return job_overrides(args, "dataset")
 
 
 def cmd_label(args: argparse.Namespace) -> int:
@@ -78,25 +85,26 @@ def cmd_label(args: argparse.Namespace) -> int:
     return main_exit_code(summary, cfg)
 
 
-def add_label_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (see jobs/configs/); omitted: the embedded defaults")
-    p.add_argument("--dataset", help="dataset root URI (dataset.uri)")
-    p.add_argument("--layout", choices=["voc", "coco"], help="dataset.layout")
-    p.add_argument("--split", help="dataset.split")
-    p.add_argument("--output", help="output URI (output)")
+def add_job_args(p: argparse.ArgumentParser, dataset_key: str, config_help: str, output_help: str,
+                 overwrite_help: str, override_example: str) -> None:
+    """The flags `label` and `sweep` share (see :func:`job_overrides`)."""
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--dataset", help=f"dataset root URI ({dataset_key}.uri)")
+    p.add_argument("--layout", choices=["voc", "coco"], help=f"{dataset_key}.layout")
+    p.add_argument("--split", help=f"{dataset_key}.split")
+    p.add_argument("--output", help=output_help)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--overwrite", action="store_true", help="redo images that are already complete")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. caa.t=3")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=f"config overrides, e.g. {override_example}")
+
+
+def add_label_args(p: argparse.ArgumentParser) -> None:
+    add_job_args(p, "dataset", "YAML config (see jobs/configs/); omitted: the embedded defaults", "output URI (output)",
+                 "redo images that are already complete", "caa.t=3")
 
 
 def sweep_overrides(args: argparse.Namespace) -> list[str]:
-    flags = {"label.dataset.uri": args.dataset, "label.dataset.layout": args.layout,
-             "label.dataset.split": args.split, "output": args.output, "tune.num_trials": args.num_trials,
-             "ray_address": args.address}
-    out = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if args.overwrite:
-        out.append("overwrite=true")
-    return out + list(args.overrides)
+    return job_overrides(args, "label.dataset", {"tune.num_trials": args.num_trials})
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -120,15 +128,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="sweep YAML (see jobs/configs/*sweep*.yaml)")
-    p.add_argument("--dataset", help="dataset root URI (label.dataset.uri)")
-    p.add_argument("--layout", choices=["voc", "coco"], help="label.dataset.layout")
-    p.add_argument("--split", help="label.dataset.split")
-    p.add_argument("--output", help="output URI of the sweep (output)")
+    add_job_args(p, "label.dataset", "sweep YAML (see jobs/configs/*sweep*.yaml)", "output URI of the sweep (output)",
+                 "start over in an output that holds a sweep", "tune.seed=3")
     p.add_argument("--num-trials", type=int, help="tune.num_trials")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--overwrite", action="store_true", help="start over in an output that holds a sweep")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. tune.seed=3")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

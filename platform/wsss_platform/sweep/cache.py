@@ -17,6 +17,7 @@ import io
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +40,18 @@ class Subset:
     masks: list[torch.Tensor | None]  # uint8 [H, W]
     class_names: list[str]
 
-    def groups(self, upto: int | None = None) -> dict[tuple[int, int], list[int]]:
-        """Indices (among the first ``upto``) grouped by image size."""
+    def groups(self, start: int = 0, stop: int | None = None) -> dict[tuple[int, int], list[int]]:
+        """Indices in [start, stop) grouped by image size (H, W)."""
         out: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, im in enumerate(self.images[:upto]):
-            out[(int(im.shape[0]), int(im.shape[1]))].append(i)
+        for i in range(start, len(self.images) if stop is None else stop):
+            out[(int(self.images[i].shape[0]), int(self.images[i].shape[1]))].append(i)
         return out
+
+    def batches(self, batch_size: int) -> Iterator[list[int]]:
+        """Indices in batches of at most ``batch_size`` images of one size."""
+        for idx in self.groups().values():
+            for start in range(0, len(idx), batch_size):
+                yield idx[start: start + batch_size]
 
 
 @dataclass
@@ -138,14 +145,12 @@ def compute_features(es: ClipES, subset: Subset, attn_layers: list[int], batch_s
     x_last: list[torch.Tensor | None] = [None] * n
     attn: dict[int, list[torch.Tensor | None]] = {}
     grid: list[tuple[int, int]] = [(0, 0)] * n
-    for idx in subset.groups().values():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start: start + batch_size]
-            x, att, g = es.features(torch.stack([subset.images[i] for i in chunk]), attn_layers)
-            for j, i in enumerate(chunk):
-                x_last[i], grid[i] = x[j].cpu(), g
-                for n_layers, a in att.items():
-                    attn.setdefault(n_layers, [None] * n)[i] = a[j].to(torch.float16).cpu()
+    for chunk in subset.batches(batch_size):
+        x, att, g = es.features(torch.stack([subset.images[i] for i in chunk]), attn_layers)
+        for j, i in enumerate(chunk):
+            x_last[i], grid[i] = x[j].cpu(), g
+            for n_layers, a in att.items():
+                attn.setdefault(n_layers, [None] * n)[i] = a[j].to(torch.float16).cpu()
     return Features(x_last, attn, grid, time.perf_counter() - t0)  # type: ignore[arg-type]
 
 
@@ -155,13 +160,11 @@ def compute_cams(es: ClipES, subset: Subset, features: Features, batch_size: int
     n = len(subset.images)
     cams: list[torch.Tensor | None] = [None] * n
     scores: list[torch.Tensor | None] = [None] * n
-    for idx in subset.groups().values():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start: start + batch_size]
-            x = torch.stack([features.x_last[i] for i in chunk])
-            c, s = es.cams_from_features(x, features.grid[chunk[0]], [subset.labels[i] for i in chunk])
-            for j, i in enumerate(chunk):
-                cams[i], scores[i] = c[j].float().cpu(), s[j].float().cpu()
+    for chunk in subset.batches(batch_size):
+        x = torch.stack([features.x_last[i] for i in chunk])
+        c, s = es.cams_from_features(x, features.grid[chunk[0]], [subset.labels[i] for i in chunk])
+        for j, i in enumerate(chunk):
+            cams[i], scores[i] = c[j].float().cpu(), s[j].float().cpu()
     return Cams(cams, scores, time.perf_counter() - t0)  # type: ignore[arg-type]
 
 

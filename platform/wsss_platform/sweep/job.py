@@ -293,9 +293,8 @@ def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
         k: v for k, v in state.items() if k in ("parent_run_id", "subset")}
     storage.write_text(state_uri, json.dumps(state, indent=2), opts)
 
-    subset = None if storage.exists(cache.subset_uri(out), opts) else write_subset(cfg, out, log)
-    if subset is None:
-        subset = cache.load_subset(cache.subset_uri(out), opts)
+    subset_uri = cache.subset_uri(out)
+    subset = cache.load_subset(subset_uri, opts) if storage.exists(subset_uri, opts) else write_subset(cfg, out, log)
     log(f"[wsss sweep] {cfg.label.dataset.uri} ({cfg.label.dataset.layout}, split {cfg.label.dataset.split}): "
         f"{len(subset.ids)} images in the subset; objective {cfg.objective} ({cfg.mode}); "
         f"{cfg.tune.num_trials} trials over {', '.join(d.name for d in dims)} -> {out}")

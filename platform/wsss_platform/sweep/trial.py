@@ -84,10 +84,7 @@ class Scorer:
     def add(self, upto: int) -> None:
         """Refine, mask and score images [done, upto)."""
         s = self.subset
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i in range(self.done, upto):
-            groups.setdefault((int(s.images[i].shape[0]), int(s.images[i].shape[1])), []).append(i)
-        for size, idx in groups.items():
+        for size, idx in s.groups(self.done, upto).items():
             attn = torch.stack([self.features.attn[self.layers][i] for i in idx]).to(self.device, torch.float32)
             group = results_for_group([self.cams.cams[i].to(self.device) for i in idx], attn, [s.labels[i] for i in idx],
                                       size, self.caa, self.masks, cache.np_images(s, idx) if self.masks.crf else None)

@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SYNTHSHAPES = SHARED / "benchmarks" / "synthshapes"
 BIN = Path(sys.executable).parent
+# Distinctive test credentials (moto accepts any), so a test can grep everything a job wrote for them.
+TEST_KEY = "AKIAWSSSTESTKEY7Q3Z"
+TEST_SECRET = "wsssTestSecret/9f2c4e1a8b7d"
 
 
 def free_port() -> int:
@@ -53,7 +56,7 @@ def s3_server():
     try:
         wait_for_port(port, proc)
         endpoint = f"http://127.0.0.1:{port}"
-        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": TEST_KEY, "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
                "AWS_DEFAULT_REGION": "us-east-1"}
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)

@@ -137,6 +137,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from wsss_platform import submit
 
     rest = {"label": label_overrides, "sweep": sweep_overrides}[args.kind](args)
+    submit.refuse_secrets(rest, args.config)
     forwarded = (["--config", args.config] if args.config else []) + rest
     job_id = submit.submit(args.kind, [a for a in forwarded if not a.startswith("ray_address=")], args.address,
                            args.submission_id)
@@ -177,6 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised semantic segmentation on Ray.")
+    p.add_argument("--verbose", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo-data", help="write a synthetic dataset with exact ground truth (VOC or COCO format)")
@@ -253,6 +255,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # One line a person can act on; the traceback (Ray's run to ~200 lines) only on request.
+        if args.verbose:
+            raise
+        print(f"error: {one_line(e)} (run with --verbose for the traceback)", file=sys.stderr)
+        return 1
+
+
+def one_line(e: BaseException) -> str:
+    """The innermost cause of ``e`` in one line (Ray wraps worker errors in several layers)."""
+    while e.__cause__ is not None and e.__cause__ is not e:
+        e = e.__cause__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(("Traceback", "  File"))]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
 
+SECRET_FIELDS = frozenset({"key", "secret", "token", "session_token", "password"})
+"""Config fields whose values are never printed (storage credentials)."""
+MASK = "***"
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the fix."""
@@ -25,6 +29,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def shown_override(item: str) -> str:
+    """An override as it may be printed: a secret field's value masked."""
+    key, sep, _ = item.partition("=")
+    return f"{key}={MASK}" if sep and key.strip().split(".")[-1] in SECRET_FIELDS else item
+
+
+def is_secret_override(item: str) -> bool:
+    return shown_override(item) != item
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"a.b=0.5"`` -> (["a", "b"], 0.5); the value is parsed as YAML (``[1,2]``, ``null``, ``true``)."""
     if "=" not in item:
@@ -32,7 +46,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r} has an empty key")
+        raise ConfigError(f"override {shown_override(item)!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -51,7 +65,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(path[: i + 1])} is not a section")
+                raise ConfigError(f"override {shown_override(item)!r}: {'.'.join(path[: i + 1])} is not a section")
             node = child
         node[path[-1]] = value
     return out
@@ -61,15 +75,29 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+def mask_secrets(value: Any, field: str | None = None) -> Any:
+    """``value`` with every secret field's value replaced by ``***`` (for messages and logs)."""
+    if field in SECRET_FIELDS and value is not None:
+        return MASK
+    if isinstance(value, dict):
+        return {k: mask_secrets(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(mask_secrets(v) for v in value)
+    return value
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
-    for e in err.errors():
+    # include_input=False: pydantic's own message may quote the input; ours masks it first.
+    for e in err.errors(include_url=False):
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
+        secret = any(str(p) in SECRET_FIELDS for p in e["loc"])
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the example configs in jobs/configs/)"
         elif "input" in e and e["type"] not in ("missing",):
-            msg = f"{msg} (got {e['input']!r})"
+            shown = MASK if secret else mask_secrets(e["input"])
+            msg = f"{msg} (got {shown!r})" if shown != MASK else f"{msg} (got {MASK})"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 

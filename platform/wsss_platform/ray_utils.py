@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wsss_platform.storage import StorageOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,20 +21,43 @@ LOOPBACK_ENV = {
 }
 
 
-def init_ray(address: str | None = None, **kwargs: Any) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), else start a private local Ray on loopback."""
+def init_ray(address: str | None = None, storage: StorageOptions | None = None, **kwargs: Any) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), else start a private local Ray on loopback.
+
+    Credentials in a config's ``storage`` section reach workers only by inheritance: they are in
+    this process's environment (``storage.export_credentials``) and a private local Ray's workers
+    are its children. Ray's runtime envs would write them into its logs, so they are never used
+    for that; a job on an existing cluster with credentials in its config is refused instead.
+    """
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         for k, v in LOOPBACK_ENV.items():
             os.environ.setdefault(k, v)  # read by ray at import time, and by its child processes
     import ray
 
+    check_credentials_reach_workers(address, storage)
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", include_dashboard=False, **kwargs)
+
+
+def check_credentials_reach_workers(address: str | None, storage: StorageOptions | None) -> None:
+    """Refuse config credentials that a job's workers could not inherit (see :func:`init_ray`)."""
+    if storage is None or not storage.has_credentials():
+        return
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        from wsss_platform.config import ConfigError
+
+        raise ConfigError(
+            "dataset.storage.key/secret are set in the config, but the job runs on a Ray cluster that is "
+            "already running, whose workers cannot inherit them (and Ray would log them if they were sent). "
+            "Give the cluster's nodes credentials (AWS_* environment, a credentials file or profile, an "
+            "instance role, a Kubernetes Secret) and remove them from the config")
 
 
 def cluster_gpus() -> float:
@@ -59,3 +85,21 @@ def code_version() -> dict[str, str]:
     except OSError:
         pass
     return {"package": pkg, "git_commit": commit}
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Ray Tune from copying the driver's AWS credentials into every trial's runtime env.
+
+    Tune 2.60 puts ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/session tokens into the
+    ``env_vars`` of each trainable actor (``ray.tune.execution.class_cache``), and Ray writes
+    runtime envs into its session logs. Trials need no copy: on a private local Ray they inherit
+    the driver's environment, and on a cluster each node has its own credentials. There is no
+    option for this in Tune, so the list it reads is trimmed once, here.
+    """
+    from ray.tune.execution import class_cache
+
+    from wsss_platform.storage import SECRET_ENV_PREFIXES
+
+    for name in list(class_cache.ENV_VARS_TO_PROPAGATE):
+        if name.startswith(SECRET_ENV_PREFIXES):
+            class_cache.ENV_VARS_TO_PROPAGATE.discard(name)

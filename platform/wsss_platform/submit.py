@@ -50,6 +50,21 @@ def runtime_env() -> dict[str, Any]:
     }
 
 
+def refuse_secrets(args: list[str], config: str | None) -> None:
+    """A submitted job's command line and config file are stored by the cluster and shown in its
+    dashboard and logs: neither may carry a credential."""
+    from wsss_platform.config import ConfigError, is_secret_override, mask_secrets, read_yaml
+
+    secret = [a.split("=", 1)[0] for a in args if is_secret_override(a)]
+    if config and mask_secrets(data := read_yaml(config)) != data:
+        secret.append(f"a storage key or secret in {config}")
+    if secret:
+        raise ConfigError(
+            f"{', '.join(secret)}: credentials are not sent with a submitted job (they would be stored in its "
+            "command line, working dir and logs). Give the cluster's nodes credentials instead: AWS_* environment, "
+            "a credentials file or profile, an instance role, or a Kubernetes Secret (README, section Data)")
+
+
 def submit(kind: str, args: list[str], address: str | None, submission_id: str | None = None) -> str:
     """Submit ``jobs/<kind>.py ARGS`` to the cluster; returns the submission id."""
     entry = f"python jobs/{kind}.py {shlex.join(args)}"

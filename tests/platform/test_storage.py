@@ -27,7 +27,14 @@ def test_s3_round_trip_and_errors_name_the_uri(s3_bucket):
         storage.write_text("s3://no-such-bucket-here/k", "v")
 
 
-def test_secrets_are_never_shown():
+def test_secrets_are_never_shown_nor_put_into_filesystems(monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     opts = StorageOptions(key=SecretStr("AKIAVERYSECRET"), secret=SecretStr("s3cr3t"))
     assert "AKIAVERYSECRET" not in repr(opts) and "s3cr3t" not in str(opts.model_dump())
-    assert opts.fs_kwargs()["secret"] == "s3cr3t"
+    # A filesystem object is pickled by Tune/Train/Data: it never holds the credentials ...
+    assert "key" not in opts.fs_kwargs() and "secret" not in opts.fs_kwargs()
+    assert "s3cr3t" not in str(storage.without_secrets(opts))
+    # ... which reach botocore (and a private local Ray's workers) through the job's environment.
+    assert storage.export_credentials(opts)
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "AKIAVERYSECRET" and os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"

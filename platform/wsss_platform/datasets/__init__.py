@@ -10,8 +10,8 @@ from wsss_platform.datasets.voc import VOCDataset
 def open_dataset(cfg: DatasetConfig) -> Dataset:
     """Open the split named by ``cfg`` (layout ``voc`` or ``coco``) on any URI."""
     if cfg.layout == "voc":
-        return VOCDataset(cfg.uri, cfg.split, cfg.labels_from, cfg.storage, cfg.limit)
-    return COCODataset(cfg.uri, cfg.split, cfg.storage, cfg.limit)
+        return VOCDataset(cfg.uri, cfg.split, cfg.labels_from, cfg.storage, cfg.limit, cfg.max_image_pixels)
+    return COCODataset(cfg.uri, cfg.split, cfg.storage, cfg.limit, cfg.max_image_pixels)
 
 
 __all__ = ["COCODataset", "Dataset", "DatasetConfig", "DatasetError", "Row", "VOCDataset", "open_dataset"]

@@ -7,19 +7,27 @@ classes), "mask": uint8 [H, W] or None}``.
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+from pydantic import Field
 
 from wsss_core.classes import ClassSet, voc_palette
 from wsss_platform.config import Section
 from wsss_platform.storage import StorageOptions
 
+log = logging.getLogger("wsss.datasets")
+
 
 class DatasetError(ValueError):
     """A dataset cannot be read; the message names the file and what to do."""
+
+
+class ImageTooLarge(DatasetError):
+    """An image over ``dataset.max_image_pixels``, refused before decoding."""
 
 
 class DatasetConfig(Section):
@@ -30,6 +38,11 @@ class DatasetConfig(Section):
     """VOC only: image-level labels from Annotations/*.xml, from the masks, or xml when present."""
     limit: int | None = None
     """Use only the first N images of the split (quick runs, sweeps on a subset)."""
+    max_image_pixels: int | None = Field(2_000_000, ge=1)
+    """Larger images fail (named, with their size) before they are decoded. CLIP-ES attention
+    memory grows with the square of the pixel count (ViT-B/16: ~6 GB at 2 MP), so one huge image
+    would otherwise take its worker down. None: no cap. The labelers' memory follows it
+    (``compute.memory_per_actor: auto``)."""
     storage: StorageOptions = StorageOptions()
 
 
@@ -57,14 +70,58 @@ class Dataset(Protocol):
     def class_mapping(self) -> dict[str, Any]: ...
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """JPEG/PNG bytes -> uint8 [H, W, 3]; raises DatasetError naming the file."""
+# The size cap is ours (DatasetConfig.max_image_pixels, checked before decoding); PIL's own
+# decompression-bomb limit would otherwise refuse large images that a user allowed.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 [H, W, 3]; raises DatasetError naming the file.
+
+    The header is read first: an image over ``max_pixels`` fails before any pixel is decoded.
+    """
+    if not data:
+        raise DatasetError(f"cannot decode image {name}: the file is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageTooLarge(
+                    f"image {name} is {w}x{h} ({w * h / 1e6:.1f} MP), over dataset.max_image_pixels={max_pixels}: "
+                    "downscale it, or raise the cap (and with it compute.memory_per_actor)")
             im.load()
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except DatasetError:
+        raise
+    except UnidentifiedImageError:
+        raise DatasetError(f"cannot decode image {name}: not a recognised image format ({len(data)} bytes)") from None
     except Exception as e:
         raise DatasetError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
+
+
+def read_split_ids(text: str, uri: str) -> tuple[list[str], list[str]]:
+    """Image ids of a split file in order, each once; returns (ids, duplicates as listed again)."""
+    ids: list[str] = []
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        image_id = line.strip().split()[0]
+        if image_id in seen:
+            duplicates.append(image_id)
+        else:
+            seen.add(image_id)
+            ids.append(image_id)
+    if duplicates:
+        log.warning("%s lists %d id(s) more than once (%s); each is used once", uri, len(duplicates),
+                    ", ".join(sorted(set(duplicates))[:5]))
+    return ids, duplicates
+
+
+def require_images(ids: list[str], source: str) -> None:
+    if not ids:
+        raise DatasetError(f"{source} lists no images: nothing to do (check the split name and the file)")
 
 
 def decode_mask(data: bytes, name: str) -> np.ndarray:

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from wsss_platform import storage
-from wsss_platform.datasets.base import DatasetConfig, DatasetError, decode_image, decode_mask
+from wsss_platform.datasets import open_dataset
+from wsss_platform.datasets.base import (
+    DatasetConfig,
+    DatasetError,
+    ImageTooLarge,
+    decode_image,
+    decode_mask,
+)
 from wsss_platform.datasets.coco import COCODataset
 from wsss_platform.datasets.voc import VOCDataset
 
@@ -70,9 +77,11 @@ def _check_voc(ds: VOCDataset, image_id: str) -> tuple[list[int] | None, tuple[i
     img_uri = ds.image_uri(image_id)
     shape = None
     try:
-        shape = decode_image(storage.read_bytes(img_uri, ds.options), img_uri).shape[:2]
+        shape = decode_image(storage.read_bytes(img_uri, ds.options), img_uri, ds.max_pixels).shape[:2]
     except storage.StorageError:
         problems.append(Problem(img_uri, "missing image (listed in the split file)"))
+    except ImageTooLarge as e:
+        problems.append(Problem(img_uri, f"too large: {e}"))
     except DatasetError as e:
         problems.append(Problem(img_uri, f"corrupt image: {str(e).split(': ', 1)[-1]}"))
     mask = None
@@ -116,9 +125,11 @@ def _check_coco(ds: COCODataset, image_id: str) -> tuple[list[int] | None, tuple
     img_uri = ds.image_uri(image_id)
     shape = None
     try:
-        shape = decode_image(storage.read_bytes(img_uri, ds.options), img_uri).shape[:2]
+        shape = decode_image(storage.read_bytes(img_uri, ds.options), img_uri, ds.max_pixels).shape[:2]
     except storage.StorageError:
         problems.append(Problem(img_uri, f"missing image (listed in {ds.ann_uri})"))
+    except ImageTooLarge as e:
+        problems.append(Problem(img_uri, f"too large: {e}"))
     except DatasetError as e:
         problems.append(Problem(img_uri, f"corrupt image: {str(e).split(': ', 1)[-1]}"))
     meta = ds.images[image_id]
@@ -139,11 +150,15 @@ def check_dataset(cfg: DatasetConfig, workers: int = 16) -> CheckReport:
     """Open and scan every image of the split; never raises for per-image problems."""
     report = CheckReport(cfg.uri, cfg.layout, cfg.split)
     try:
-        ds = (VOCDataset(cfg.uri, cfg.split, cfg.labels_from, cfg.storage, cfg.limit) if cfg.layout == "voc"
-              else COCODataset(cfg.uri, cfg.split, cfg.storage, cfg.limit))
+        ds = open_dataset(cfg)
     except (DatasetError, storage.StorageError) as e:
         report.problems.append(Problem(cfg.uri, str(e)))
         return report
+    if ds.duplicates:
+        where = ds.ann_uri if isinstance(ds, COCODataset) else ds.split_uri
+        what = "image file names" if isinstance(ds, COCODataset) else "ids"
+        report.problems.append(Problem(where, f"{len(ds.duplicates)} duplicate {what} ({', '.join(sorted(set(ds.duplicates))[:10])}); "
+                                              "readers use each once: remove the repeats"))
     report.classes = list(ds.classes.names)
     report.num_images = len(ds.ids)
     if isinstance(ds, COCODataset) and ds.orphan_annotations:
@@ -158,6 +173,4 @@ def check_dataset(cfg: DatasetConfig, workers: int = 16) -> CheckReport:
                 report.sizes[shape] += 1
             for label in labels or []:
                 report.class_histogram[label] += 1
-    if not ds.ids:
-        report.problems.append(Problem(cfg.uri, f"split {cfg.split!r} lists no images"))
     return report

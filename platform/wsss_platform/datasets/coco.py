@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 
 from wsss_core.classes import COCO_SYNONYMS, ClassSet
 from wsss_platform import storage
-from wsss_platform.datasets.base import DatasetError, Row, decode_image
+from wsss_platform.datasets.base import DatasetError, Row, decode_image, log, require_images
 from wsss_platform.storage import StorageOptions
 
 
@@ -41,7 +41,7 @@ class COCODataset:
     layout = "coco"
 
     def __init__(self, root: str, split: str = "train", options: StorageOptions | None = None,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, max_pixels: int | None = None) -> None:
         self.uri, self.split, self.options = root.rstrip("/"), split, options
         ann_uri = annotation_uri(self.uri, split)
         if not storage.exists(ann_uri, options):
@@ -68,9 +68,13 @@ class COCODataset:
             raise DatasetError(f"{ann_uri}: categories: {e}") from None
         self.images: dict[str, dict[str, Any]] = {}
         self._coco_id: dict[int, str] = {}
+        self.duplicates: list[str] = []
         for im in data["images"]:
             image_id = os.path.splitext(os.path.basename(im["file_name"]))[0]
-            self.images[image_id] = im
+            if image_id in self.images:  # two entries, one output name: the first is used
+                self.duplicates.append(image_id)
+            else:
+                self.images[image_id] = im
             self._coco_id[int(im["id"])] = image_id
         self.anns: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.orphan_annotations: list[int] = []
@@ -80,9 +84,14 @@ class COCODataset:
                 self.orphan_annotations.append(int(ann.get("id", -1)))
             else:
                 self.anns[image_id].append(ann)
+        if self.duplicates:
+            log.warning("%s lists %d image(s) whose file names repeat (%s); each is used once", ann_uri,
+                        len(self.duplicates), ", ".join(sorted(set(self.duplicates))[:5]))
         self.ids = sorted(self.images)
+        require_images(self.ids, f"annotation file {ann_uri}")
         if limit is not None:
             self.ids = self.ids[:limit]
+        self.max_pixels = max_pixels
         self.image_dir = self._find_image_dir()
 
     def _find_image_dir(self) -> str:
@@ -130,7 +139,7 @@ class COCODataset:
 
     def load(self, image_id: str) -> Row:
         uri = self.image_uri(image_id)
-        image = decode_image(storage.read_bytes(uri, self.options), uri)
+        image = decode_image(storage.read_bytes(uri, self.options), uri, self.max_pixels)
         im = self.images[image_id]
         if image.shape[:2] != (int(im["height"]), int(im["width"])):
             raise DatasetError(

@@ -9,7 +9,14 @@ import numpy as np
 
 from wsss_core.classes import VOC, ClassSet
 from wsss_platform import storage
-from wsss_platform.datasets.base import DatasetError, Row, decode_image, decode_mask
+from wsss_platform.datasets.base import (
+    DatasetError,
+    Row,
+    decode_image,
+    decode_mask,
+    read_split_ids,
+    require_images,
+)
 from wsss_platform.storage import StorageOptions
 
 
@@ -48,9 +55,10 @@ class VOCDataset:
     layout = "voc"
 
     def __init__(self, root: str, split: str = "train", labels_from: str = "auto",
-                 options: StorageOptions | None = None, limit: int | None = None) -> None:
+                 options: StorageOptions | None = None, limit: int | None = None,
+                 max_pixels: int | None = None) -> None:
         self.uri, self.split, self.options = root.rstrip("/"), split, options
-        split_uri = storage.join(self.uri, "ImageSets", "Segmentation", f"{split}.txt")
+        self.split_uri = split_uri = storage.join(self.uri, "ImageSets", "Segmentation", f"{split}.txt")
         if not storage.exists(split_uri, options):
             available = [n[:-4] for n in storage.list_names(storage.join(self.uri, "ImageSets", "Segmentation"), options)
                          if n.endswith(".txt")]
@@ -58,9 +66,11 @@ class VOCDataset:
                 f"split file not found: {split_uri} (available splits: {', '.join(available) or 'none'}); "
                 "is --layout right and does the root point at the folder holding JPEGImages/?"
             )
-        self.ids = [ln.strip().split()[0] for ln in storage.read_text(split_uri, options).splitlines() if ln.strip()]
+        self.ids, self.duplicates = read_split_ids(storage.read_text(split_uri, options), split_uri)
+        require_images(self.ids, f"split file {split_uri}")
         if limit is not None:
             self.ids = self.ids[:limit]
+        self.max_pixels = max_pixels
         self.classes = read_class_names(self.uri, options)
         self._mask_names = set(storage.list_names(storage.join(self.uri, "SegmentationClass"), options))
         has_xml = storage.isdir(storage.join(self.uri, "Annotations"), options)
@@ -113,7 +123,7 @@ class VOCDataset:
 
     def load(self, image_id: str) -> Row:
         img_uri = self.image_uri(image_id)
-        image = decode_image(storage.read_bytes(img_uri, self.options), img_uri)
+        image = decode_image(storage.read_bytes(img_uri, self.options), img_uri, self.max_pixels)
         mask = None
         if self.has_mask(image_id):
             m_uri = self.mask_uri(image_id)

@@ -75,6 +75,13 @@ class ComputeConfig(Section):
     auto: 2 when the labelers use GPUs, 0 when they run on CPUs (separate loaders would only compete
     with them for the same cores)."""
     loader_batch_size: int = Field(8, ge=1)
+    memory_per_actor: Annotated[int, Field(ge=256 * 1024**2)] | Literal["auto"] | None = "auto"
+    """Bytes of host memory per labeling actor: reserved from Ray's ``memory`` resource, and a
+    limit the actor enforces on itself (over it, it ends, and the image that did it fails alone).
+    auto: 2 GiB + 2 KiB per pixel of ``dataset.max_image_pixels``; None: neither."""
+    max_batch_attempts: int = Field(4, ge=2, le=20)
+    """Attempts of a batch whose worker died (Ray's task retries + 1). The second attempt isolates
+    the image that killed it; each further one isolates one more poison image of the batch."""
 
 
 class TrackingConfig(Section):

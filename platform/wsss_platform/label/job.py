@@ -14,6 +14,8 @@ import os
 import sys
 import tempfile
 import time
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +30,17 @@ from wsss_platform.config import flatten
 from wsss_platform.datasets import Dataset, open_dataset
 from wsss_platform.datasets.base import decode_mask
 from wsss_platform.label import outputs
-from wsss_platform.label.actors import Labeler, Loader, LoadingLabeler
+from wsss_platform.label.actors import Labeler, Loader, LoadingLabeler, memory_per_actor
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.preview import grid
 from wsss_platform.label.stages import check_model_paths
-from wsss_platform.ray_utils import cluster_gpus, code_version, init_ray
+from wsss_platform.ownership import OutputLock, fingerprint, refuse_changed
+from wsss_platform.ray_utils import (
+    check_credentials_reach_workers,
+    cluster_gpus,
+    code_version,
+    init_ray,
+)
 
 
 @dataclass
@@ -89,40 +97,126 @@ def _actor_pool(cfg: LabelConfig) -> tuple[float, int, int]:
     return gpus, min(cfg.compute.min_actors, max_actors), max_actors
 
 
-def _pipeline(cfg: LabelConfig, ds: Dataset, todo: list[str]):
+def _pipeline(cfg: LabelConfig, ds: Dataset, todo: list[str], token: str, isolate: bool = False):
+    """The Ray Data pipeline over ``todo``; ``isolate``: one image a batch (the pass after failures)."""
     import ray
 
     gpus, min_actors, max_actors = _actor_pool(cfg)
     loaders = cfg.compute.loader_actors
     if loaders == "auto":
         loaders = 2 if gpus > 0 else 0
+    batch_size = 1 if isolate else cfg.compute.batch_size
+    load_batch = 1 if isolate else cfg.compute.loader_batch_size
     rows = ray.data.from_items([{"image_id": i} for i in todo],
-                               override_num_blocks=max(1, min(len(todo), len(todo) // cfg.compute.loader_batch_size)))
+                               override_num_blocks=max(1, min(len(todo), len(todo) // load_batch)))
     dataset = _dataset_payload(cfg)
     labeler_kwargs = {"config": cfg.model_dump(mode="json") | {"dataset": dataset},
-                      "class_names": list(ds.classes.names), "gpus": gpus}
+                      "class_names": list(ds.classes.names), "gpus": gpus, "job_token": token}
     if loaders:
         rows = rows.map_batches(
             Loader, fn_constructor_kwargs={"dataset": dataset},
-            batch_size=cfg.compute.loader_batch_size, batch_format="numpy", num_cpus=0.5,
+            batch_size=load_batch, batch_format="numpy", num_cpus=0.5,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=loaders))
         labeler = Labeler
     else:
         labeler, labeler_kwargs = LoadingLabeler, labeler_kwargs | {"dataset": dataset}
-    return rows.map_batches(
-        labeler, fn_constructor_kwargs=labeler_kwargs,
-        batch_size=cfg.compute.batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
-        # Ray Data restarts a dead actor and retries its batch (max_restarts/max_task_retries -1 by
-        # default); outputs are idempotent and keyed by image id, so a retry writes nothing twice.
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors))
+    memory = memory_per_actor(cfg)
+    _check_memory(memory)
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates extra remote args but has no named parameter for max_task_retries yet.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        return rows.map_batches(
+            labeler, fn_constructor_kwargs=labeler_kwargs,
+            batch_size=batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
+            memory=memory, compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+            # A batch is retried a bounded number of times; its in-flight marker lets each retry isolate
+            # the image that killed the worker (Labeler). Actor restarts stay unbounded (Ray Data's
+            # default) on purpose: Ray Data 2.60's pool never replaces an actor that used up
+            # max_restarts, so a bound there would stall the pipeline instead of ending it.
+            max_task_retries=cfg.compute.max_batch_attempts - 1, max_restarts=-1)
+
+
+def _check_memory(memory: int | None) -> None:
+    """An actor that asks for more memory than any node has would wait for ever: refuse it."""
+    import ray
+
+    biggest = max((n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    if memory and biggest and memory > biggest:
+        from wsss_platform.config import ConfigError
+
+        raise ConfigError(f"compute.memory_per_actor: {memory / 2**30:.1f} GiB per labeling actor (auto follows "
+                          f"dataset.max_image_pixels) but the largest node offers {biggest / 2**30:.1f} GiB; lower "
+                          "dataset.max_image_pixels, or set compute.memory_per_actor (bytes, or null for no limit)")
 
 
 def _dataset_payload(cfg: LabelConfig) -> dict[str, Any]:
-    """The dataset section for the actors, with credentials as values (model_dump masks SecretStr)."""
-    d = cfg.dataset.model_dump(mode="json")
-    st = cfg.dataset.storage
-    d["storage"] |= {k: getattr(st, k).get_secret_value() for k in ("key", "secret") if getattr(st, k) is not None}
-    return d
+    """The dataset section for the actors, credentials left out: workers resolve their own
+    (inherited environment, credentials file, instance role; see ``init_ray``)."""
+    return cfg.dataset.model_dump(mode="json") | {"storage": storage.without_secrets(cfg.dataset.storage)}
+
+
+def label_settings(cfg: LabelConfig) -> dict[str, Any]:
+    """What shapes the masks: an output holds the results of one such setting (DESIGN.md)."""
+    settings = cfg.model_dump(mode="json", include={"cam_source", "refine", "model", "text", "caa", "mask"})
+    settings["dataset"] = cfg.dataset.model_dump(mode="json", include={"uri", "layout", "split", "labels_from"})
+    return settings
+
+
+def _previous_settings(run: dict[str, Any]) -> dict[str, Any]:
+    if "settings" in run:
+        return run["settings"]
+    try:  # outputs written before settings were recorded
+        return label_settings(LabelConfig.model_validate(run.get("config", {})))
+    except Exception:
+        return {}
+
+
+def claim_output(cfg: LabelConfig, log) -> None:
+    """Make the (locked) output this run's: refuse one made with other settings, clear it on
+    --overwrite, drop what killed runs left (in-flight markers, temporary files)."""
+    out, opts = cfg.output, cfg.dataset.storage
+    run_uri = storage.join(out, "run.json")
+    if cfg.overwrite:
+        for name in outputs.RESULTS:
+            storage.remove(storage.join(out, name), opts)
+    elif storage.exists(run_uri, opts) and storage.list_names(storage.join(out, outputs.PARTS), opts):
+        try:
+            old = _previous_settings(json.loads(storage.read_text(run_uri, opts)))
+        except ValueError:
+            old = {}
+        if fingerprint(old) != fingerprint(label_settings(cfg)):
+            refuse_changed(out, old, label_settings(cfg), "pseudo masks")
+    storage.remove(storage.join(out, outputs.INFLIGHT), opts)
+    if removed := storage.sweep_temporaries(out):
+        log(f"[wsss label] removed {removed} temporary file(s) a killed run left in {out}")
+
+
+def _run(pipeline) -> int:
+    n = 0
+    for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
+        n += len(batch["image_id"])
+    return n
+
+
+def _label(cfg: LabelConfig, ds: Dataset, todo: list[str], summary: LabelSummary, log) -> None:
+    """Label ``todo``: one pass in batches, then one image a batch for whatever got no result."""
+    from ray.data import DataContext
+
+    init_ray(cfg.ray_address, cfg.dataset.storage)
+    # A batch that used up its attempts is dropped rather than ending the job: its images get no
+    # manifest row and are redone one by one below, where a failure is that image's alone.
+    DataContext.get_current().max_errored_blocks = -1
+    token = uuid.uuid4().hex[:12]
+    t0 = time.perf_counter()
+    summary.processed += _run(_pipeline(cfg, ds, todo, token))
+    have = set(outputs.read_parts(cfg.output, cfg.dataset.storage).column("image_id").to_pylist())
+    missing = [i for i in todo if i not in have]
+    if missing:
+        log(f"[wsss label] {len(missing)} image(s) got no result in their batch (it failed "
+            f"{cfg.compute.max_batch_attempts} times or killed its worker); labeling them one at a time")
+        summary.processed += _run(_pipeline(cfg, ds, missing, token, isolate=True))
+    summary.seconds = time.perf_counter() - t0
+    storage.remove(storage.join(cfg.output, outputs.INFLIGHT), cfg.dataset.storage)
 
 
 def _preview(cfg: LabelConfig, ds: Dataset, manifest: pa.Table) -> bytes | None:
@@ -140,38 +234,57 @@ def _preview(cfg: LabelConfig, ds: Dataset, manifest: pa.Table) -> bytes | None:
 def run_label(cfg: LabelConfig, log=print) -> LabelSummary:
     """Run the labeling job to completion; returns the summary (the caller decides the exit code)."""
     t_start = time.perf_counter()
+    check_credentials_reach_workers(cfg.ray_address, cfg.dataset.storage)
+    storage.export_credentials(cfg.dataset.storage)
     check_model_paths(cfg)
     ds = open_dataset(cfg.dataset)
-    out, opts = cfg.output.rstrip("/"), cfg.dataset.storage
-    cfg = cfg.model_copy(update={"output": out})
-    if cfg.overwrite:
-        outputs.clear_parts(out, opts)
-    previous = outputs.read_parts(out, opts)
-    complete = {r["image_id"] for r in previous.select(["image_id", "status"]).to_pylist() if r["status"] == "done"}
-    todo = [i for i in ds.ids if i not in complete]
-    summary = LabelSummary(output=out, total=len(ds.ids), skipped=len(ds.ids) - len(todo))
-    run_info = {"config": cfg.model_dump(mode="json"), "code": code_version(), "classes": ds.class_mapping(),
-                "started_at": time.time(), "ray_address": cfg.ray_address}
-    storage.write_text(storage.join(out, "run.json"), json.dumps(run_info, indent=2), opts)
-    log(f"[wsss label] {ds.uri} ({cfg.dataset.layout}, split {cfg.dataset.split}): {len(ds.ids)} images, "
-        f"{summary.skipped} already complete, {len(todo)} to do -> {out}")
+    cfg = cfg.model_copy(update={"output": cfg.output.rstrip("/")})
+    out, opts = cfg.output, cfg.dataset.storage
+    with OutputLock(out, opts, "wsss label"):
+        claim_output(cfg, log)
+        previous = outputs.read_parts(out, opts)
+        complete = {r["image_id"] for r in previous.select(["image_id", "status"]).to_pylist() if r["status"] == "done"}
+        todo = [i for i in ds.ids if i not in complete]
+        summary = LabelSummary(output=out, total=len(ds.ids), skipped=len(ds.ids) - len(todo))
+        run_info = {"config": cfg.model_dump(mode="json"), "settings": label_settings(cfg),
+                    "fingerprint": fingerprint(label_settings(cfg)), "code": code_version(),
+                    "classes": ds.class_mapping(), "started_at": time.time(), "ray_address": cfg.ray_address}
+        storage.write_text(storage.join(out, "run.json"), json.dumps(run_info, indent=2), opts)
+        log(f"[wsss label] {ds.uri} ({cfg.dataset.layout}, split {cfg.dataset.split}): {len(ds.ids)} images, "
+            f"{summary.skipped} already complete, {len(todo)} to do -> {out}")
+        if todo:
+            _label(cfg, ds, todo, summary, log)
+        manifest = _write_manifest(cfg, ds, summary)
+    _score(manifest, ds, summary)
+    if cfg.tracking.enabled:
+        summary.run_id = _track(cfg, ds, summary, manifest, run_info)
+    for image_id, err in summary.failures[:10]:
+        log(f"[wsss label] failed {image_id}: {err}")
+    log(f"[wsss label] {summary.line()} (total {time.perf_counter() - t_start:.1f}s)")
+    return summary
 
-    if todo:
-        init_ray(cfg.ray_address)
-        t0 = time.perf_counter()
-        for batch in _pipeline(cfg, ds, todo).iter_batches(batch_size=None, batch_format="numpy"):
-            summary.processed += len(batch["image_id"])
-        summary.seconds = time.perf_counter() - t0
 
+NO_RESULT = "no result: its batch failed every attempt, alone too (see the Ray logs); a rerun tries it again"
+
+
+def _write_manifest(cfg: LabelConfig, ds: Dataset, summary: LabelSummary) -> pa.Table:
+    """Merge the parts into ``manifest.parquet``: one row per image of the split, each with a status."""
+    out, opts = cfg.output, cfg.dataset.storage
     parts = outputs.read_parts(out, opts)
-    split_ids = pa.array(ds.ids)
-    manifest = parts.filter(pc.is_in(parts.column("image_id"), value_set=split_ids))
+    manifest = parts.filter(pc.is_in(parts.column("image_id"), value_set=pa.array(ds.ids)))
+    seen = set(manifest.column("image_id").to_pylist())
+    lost = [{"image_id": i, "status": "failed", "error": NO_RESULT} for i in ds.ids if i not in seen]
+    if lost:
+        manifest = pa.concat_tables([manifest, pa.Table.from_pylist(lost, schema=outputs.MANIFEST_SCHEMA)])
     outputs.write_table(storage.join(out, "manifest.parquet"), manifest, opts)
     statuses = manifest.column("status").to_pylist()
     summary.done, summary.failed = statuses.count("done"), statuses.count("failed")
-    summary.failed += len(ds.ids) - len(statuses)  # never reached a part: counted as failed
     summary.failures = [(r["image_id"], r["error"]) for r in manifest.select(["image_id", "status", "error"]).to_pylist()
                         if r["status"] == "failed"]
+    return manifest
+
+
+def _score(manifest: pa.Table, ds: Dataset, summary: LabelSummary) -> None:
     names = ["background", *ds.classes.names]
     for prefix, attr in (("cm_raw", "raw"), ("cm", "")):
         cm = confusion_from(manifest, prefix, len(names))
@@ -181,12 +294,6 @@ def run_label(cfg: LabelConfig, log=print) -> LabelSummary:
                 summary.miou_raw, summary.iou_raw = cm.miou(), iou
             else:
                 summary.miou, summary.iou = cm.miou(), iou
-    if cfg.tracking.enabled:
-        summary.run_id = _track(cfg, ds, summary, manifest, run_info)
-    for image_id, err in summary.failures[:10]:
-        log(f"[wsss label] failed {image_id}: {err}")
-    log(f"[wsss label] {summary.line()} (total {time.perf_counter() - t_start:.1f}s)")
-    return summary
 
 
 def _track(cfg: LabelConfig, ds: Dataset, summary: LabelSummary, manifest: pa.Table, run_info: dict) -> str:

@@ -7,6 +7,7 @@ counts as complete with a missing or half-written mask: at worst a batch is redo
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 from typing import Any
@@ -19,6 +20,8 @@ from wsss_platform import storage
 from wsss_platform.storage import StorageOptions
 
 PARTS = "manifest-parts"
+INFLIGHT = "inflight"
+RESULTS = ("masks", "cams", PARTS, INFLIGHT, "manifest.parquet")
 
 MANIFEST_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -100,3 +103,28 @@ def write_table(uri: str, table: pa.Table, options: StorageOptions | None = None
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(uri, buf.getvalue(), options)
+
+
+class InFlight:
+    """Markers of the batches (and images) being labelled now, one job run at a time.
+
+    A marker that is still there when a batch is retried means the attempt before died with it:
+    Ray restarted the actor, and the retry must isolate the image that killed it. Markers carry the
+    run's token, so a marker left by an earlier, killed run is never taken for this run's.
+    """
+
+    def __init__(self, output: str, token: str, options: StorageOptions | None = None) -> None:
+        self.output, self.token, self.options = output, token, options
+
+    def uri(self, ids: list[str]) -> str:
+        key = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20]
+        return storage.join(self.output, INFLIGHT, f"{self.token}-{key}")
+
+    def exists(self, ids: list[str]) -> bool:
+        return storage.exists(self.uri(ids), self.options)
+
+    def create(self, ids: list[str]) -> None:
+        storage.write_bytes(self.uri(ids), "\n".join(ids).encode(), self.options)
+
+    def remove(self, ids: list[str]) -> None:
+        storage.remove(self.uri(ids), self.options)

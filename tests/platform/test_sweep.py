@@ -156,6 +156,14 @@ def test_sweep_end_to_end_with_mlflow_server(tmp_path, ray_local, mlflow_server,
     for k, v in summary.best_params.items():
         assert parent.data.params[f"best.{k}"] == str(v)
 
+    # Rerunning the finished sweep is a no-op: same best trial, best.yaml byte-identical, parent FINISHED.
+    best_yaml = (out / "best.yaml").read_bytes()
+    again = run_sweep(cfg, dims)
+    assert not again.resumed and again.best_trial == summary.best_trial and again.best_value == summary.best_value
+    assert (out / "best.yaml").read_bytes() == best_yaml
+    assert client.get_run(summary.parent_run_id).info.status == "FINISHED"
+    assert len(client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 6
+
     # The best config runs unchanged with `wsss label`.
     best = load_config(LabelConfig, out / "best.yaml")
     assert best.caa.t == summary.best_params["caa.t"] and best.text.template == summary.best_params["text.template"]
@@ -242,12 +250,14 @@ def test_sweep_on_s3(s3_bucket, ray_local, tmp_path, monkeypatch):
     assert "features.pt" in storage.list_names(f"{s3_bucket}/sweep/cache")
     best = load_config(LabelConfig, f"{s3_bucket}/sweep/best.yaml")  # `wsss label --config s3://…` reads it
     assert best.dataset.uri == f"{s3_bucket}/voc"
-    # the same command again finds the finished experiment on S3 and runs nothing new
+    # the same command again finds the finished sweep on S3 and runs nothing: a no-op that reports it
+    best_yaml = storage.read_bytes(f"{s3_bucket}/sweep/best.yaml")
     again = run_sweep(cfg, dims)
-    assert again.resumed and again.complete + again.stopped == 3 and again.best_value == summary.best_value
+    assert not again.resumed and again.complete + again.stopped == 3 and again.best_value == summary.best_value
+    assert again.best_trial == summary.best_trial and storage.read_bytes(f"{s3_bucket}/sweep/best.yaml") == best_yaml
     # a different budget into the same output is refused, naming what changed
     from wsss_platform.config import ConfigError
 
     bigger = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"num_trials": 4})})
-    with pytest.raises(ConfigError, match=r"holds a different sweep \(changed: tune\.num_trials\)"):
+    with pytest.raises(ConfigError, match=r"holds a sweep made with other settings \(changed: tune\.num_trials \(3 -> 4\)\)"):
         run_sweep(bigger, dims)

@@ -9,8 +9,9 @@ import yaml
 
 from wsss_platform.config import ConfigError, build_config
 from wsss_platform.label.config import LabelConfig
+from wsss_platform.ownership import fingerprint
 from wsss_platform.sweep.config import load_sweep_config, parse_search_space, resolve_params
-from wsss_platform.sweep.job import best_label_data, choose_subset, fingerprint
+from wsss_platform.sweep.job import best_label_data, choose_subset, sweep_settings
 
 LABEL = {"model": {"name": "tiny", "pretrained": "none"}, "mask": {"crf": False}}
 
@@ -104,7 +105,7 @@ def test_fingerprint_and_subset_are_stable():
     b = build_config(SweepConfig, {"label": LABEL, "search_space": {"caa.t": {"low": 1, "high": 2}},
                                    "overwrite": True, "ray_address": "auto"})
     c = build_config(SweepConfig, {"label": LABEL, "search_space": {"caa.t": {"low": 1, "high": 3}}})
-    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+    assert fingerprint(sweep_settings(a)) == fingerprint(sweep_settings(b)) != fingerprint(sweep_settings(c))
     ids = [str(i) for i in range(50)]
     assert choose_subset(ids, 10, 0) == choose_subset(ids, 10, 0) != choose_subset(ids, 10, 1)
     assert choose_subset(ids, 10, 0) == sorted(choose_subset(ids, 10, 0), key=int)  # dataset order

@@ -13,7 +13,7 @@ rerunning finished trials.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import dataclasses
 import json
 import math
 import os
@@ -30,13 +30,20 @@ import torch
 import yaml
 
 from wsss_platform import storage
-from wsss_platform.config import ConfigError, build_config, flatten
+from wsss_platform.config import ConfigError, build_config
 from wsss_platform.datasets import open_dataset
 from wsss_platform.datasets.base import DatasetError
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.job import _dataset_payload
 from wsss_platform.label.stages import check_model_paths, device_for
-from wsss_platform.ray_utils import cluster_gpus, code_version, init_ray
+from wsss_platform.ownership import OutputLock, fingerprint, refuse_changed
+from wsss_platform.ray_utils import (
+    check_credentials_reach_workers,
+    cluster_gpus,
+    code_version,
+    init_ray,
+    keep_credentials_out_of_runtime_envs,
+)
 from wsss_platform.sweep import cache
 from wsss_platform.sweep.config import Dim, SweepConfig, apply_params, resolve_params
 from wsss_platform.sweep.trial import TrialContext
@@ -94,10 +101,11 @@ class CacheLocks:
         self.events[key].set()
 
 
-def fingerprint(cfg: SweepConfig) -> str:
-    """What makes two runs the same sweep (a resume must not mix two different ones)."""
-    d = cfg.model_dump(mode="json", exclude={"overwrite": True, "ray_address": True, "tracking": {"run_name"}})
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+def sweep_settings(cfg: SweepConfig) -> dict[str, Any]:
+    """What makes two runs the same sweep (a resume must not mix two different ones); storage
+    options are where, not what."""
+    return cfg.model_dump(mode="json", exclude={"overwrite": True, "ray_address": True, "tracking": {"run_name"},
+                                                "label": {"dataset": {"storage"}}})
 
 
 def best_label_data(cfg: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
@@ -261,8 +269,42 @@ def _finish_parent(client, run_id: str, summary: SweepSummary, rows: list[dict[s
                          artifact_file="trials.json", run_id=run_id)
 
 
+def _claim(cfg: SweepConfig, out: str, log) -> dict[str, Any]:
+    """The sweep's state in the (locked) output: refuse a different sweep there; start over on overwrite."""
+    opts = cfg.label.dataset.storage
+    if cfg.overwrite:
+        for name in RESULT_FILES:
+            storage.remove(storage.join(out, name), opts)
+    state_uri = storage.join(out, "sweep.json")
+    state = json.loads(storage.read_text(state_uri, opts)) if storage.exists(state_uri, opts) else {}
+    settings = sweep_settings(cfg)
+    if state and state.get("fingerprint") != fingerprint(settings):
+        refuse_changed(out, state.get("settings") or state.get("config", {}), settings, "a sweep")
+    # Claim the output before caching anything in it, so a later, different sweep cannot pick up these caches.
+    state = {"fingerprint": fingerprint(settings), "settings": settings, "code": code_version()} | {
+        k: v for k, v in state.items() if k in ("parent_run_id", "subset", "finished")}
+    storage.write_text(state_uri, json.dumps(state, indent=2), opts)
+    return state
+
+
 def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
-    """Run (or resume) the sweep to the end of its budget; returns the summary."""
+    """Run (or resume) the sweep to the end of its budget; returns the summary. A finished sweep
+    is not run again: its summary is reported as it was."""
+    check_credentials_reach_workers(cfg.ray_address, cfg.label.dataset.storage)
+    storage.export_credentials(cfg.label.dataset.storage)
+    check_model_paths(cfg.label)
+    out = cfg.output.rstrip("/")
+    with OutputLock(out, cfg.label.dataset.storage, "wsss sweep"):
+        state = _claim(cfg, out, log)
+        if state.get("finished"):
+            summary = SweepSummary(**state["finished"])
+            log(f"[wsss sweep] {out} holds this sweep, finished: nothing to do (overwrite=true starts it over)")
+            log(f"[wsss sweep] {summary.line()}")
+            return summary
+        return _run_sweep(cfg, dims, out, state, log)
+
+
+def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any], log) -> SweepSummary:
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
@@ -272,26 +314,9 @@ def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
     from wsss_platform.sweep.search import searcher
 
     t_start = time.perf_counter()
-    out = cfg.output.rstrip("/")
     opts = cfg.label.dataset.storage
-    check_model_paths(cfg.label)
-    if cfg.overwrite:
-        for name in RESULT_FILES:
-            storage.remove(storage.join(out, name), opts)
-    fp = fingerprint(cfg)
     state_uri = storage.join(out, "sweep.json")
-    state = json.loads(storage.read_text(state_uri, opts)) if storage.exists(state_uri, opts) else {}
-    if state and state.get("fingerprint") != fp:
-        old, new = flatten(state.get("config", {})), flatten(cfg.model_dump(mode="json"))
-        changed = sorted(k for k in old.keys() | new.keys()
-                         if old.get(k) != new.get(k) and k not in ("overwrite", "ray_address", "tracking.run_name"))
-        raise ConfigError(f"{out} holds a different sweep (changed: {', '.join(changed[:8]) or 'config'}); pass a new "
-                          "--output, or overwrite=true to start over there")
     summary = SweepSummary(output=out, num_trials=cfg.tune.num_trials, objective=cfg.objective)
-    # Claim the output before caching anything in it, so a later, different sweep cannot pick up these caches.
-    state = {"fingerprint": fp, "config": cfg.model_dump(mode="json"), "code": code_version()} | {
-        k: v for k, v in state.items() if k in ("parent_run_id", "subset")}
-    storage.write_text(state_uri, json.dumps(state, indent=2), opts)
 
     subset_uri = cache.subset_uri(out)
     subset = cache.load_subset(subset_uri, opts) if storage.exists(subset_uri, opts) else write_subset(cfg, out, log)
@@ -299,10 +324,12 @@ def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
         f"{len(subset.ids)} images in the subset; objective {cfg.objective} ({cfg.mode}); "
         f"{cfg.tune.num_trials} trials over {', '.join(d.name for d in dims)} -> {out}")
 
-    init_ray(cfg.ray_address)
+    init_ray(cfg.ray_address, opts)
+    keep_credentials_out_of_runtime_envs()
     import ray
 
     gpus = trial_gpus(cfg)
+    # No credentials in anything Tune pickles (the trainable's parameters, the experiment state).
     label_payload = cfg.label.model_dump(mode="json") | {"dataset": _dataset_payload(cfg.label)}
     storage_payload = label_payload["dataset"]["storage"]
     if not storage.exists(cache.features_uri(out), opts):
@@ -365,6 +392,8 @@ def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
     files = {"trials.csv": _write_csv(rows, storage.join(out, "trials.csv"), opts)} if rows else {}
     scored = [r for r in rows if r["status"] == "complete" and r["objective"] is not None and not math.isnan(r["objective"])]
     if scored:
+        # Ties (common: mask.mu does not move miou) go to the earliest trial, so a rerun picks the same one.
+        scored.sort(key=lambda r: r["trial"])
         best = (max if cfg.mode == "max" else min)(scored, key=lambda r: r["objective"])
         summary.best_trial, summary.best_value = best["trial"], float(best["objective"])
         summary.best_yaml = storage.join(out, "best.yaml")
@@ -376,6 +405,9 @@ def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
         text = header + yaml.safe_dump(best_label_data(cfg, summary.best_params), sort_keys=False)
         storage.write_text(summary.best_yaml, text, opts)
         files["best.yaml"] = text.encode()
+    if not summary.interrupted:
+        state["finished"] = dataclasses.asdict(summary)
+        storage.write_text(state_uri, json.dumps(state, indent=2), opts)
     files["sweep.json"] = json.dumps(state, indent=2).encode()
     if parent:
         _finish_parent(client, parent, summary, rows, dims, cfg.mode, files, log)

@@ -36,7 +36,7 @@ class TrialContext:
     output: str
     label: dict[str, Any]
     storage: dict[str, Any]
-    """Storage options with credentials as values (the actors need them)."""
+    """Storage options without credentials (workers resolve their own)."""
     objective: str
     report_chunks: int
     gpus: float

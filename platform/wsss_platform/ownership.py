@@ -3,8 +3,9 @@
 An output holds the fingerprint of the settings that shape its results; a rerun with other
 settings is refused naming the changed keys (DESIGN.md: "never mixed in"). A lock object with a
 lease keeps a second job off an output while one runs. It is created with an exclusive write
-(``O_EXCL`` locally, a conditional PUT on S3), renewed by a background thread, and taken over only
-once its lease has run out, so a killed job's lock does not block the output for ever.
+(``O_EXCL`` locally, a conditional PUT on S3), renewed by a background thread, and taken over once
+its lease has run out, or at once when its holder ran on this machine and its process is gone, so
+a killed job's lock does not block the output.
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ class OutputBusy(ConfigError):
     """Another job holds the output's lock."""
 
 
+def _dead_here(holder: dict[str, Any]) -> bool:
+    """The holder ran on this machine and its process is gone (a killed job): no need to wait out
+    its lease. A holder on another machine can only be judged by its lease."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class OutputLock:
     """A lease on ``<output>/.wsss-lock.json`` for the life of one job (a context manager)."""
 
@@ -81,14 +96,15 @@ class OutputLock:
             holder = self._holder()
             if holder is None:
                 continue  # released in between
-            if holder.get("expires_at", 0) > time.time():
+            if holder.get("expires_at", 0) > time.time() and not _dead_here(holder):
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("renewed_at", 0)))
                 until = time.strftime("%H:%M:%S", time.localtime(holder["expires_at"]))
                 raise OutputBusy(
                     f"{self.output} is in use by another {holder.get('job', 'wsss')} job (host {holder.get('host')}, "
                     f"pid {holder.get('pid')}, lease renewed {since}); wait for it to finish, or write to another "
                     f"--output. If that job is dead, its lease ends at {until} and the output is free again.")
-            log.warning("taking over %s: the lease of %s job pid %s ran out", self.uri, holder.get("job"), holder.get("pid"))
+            log.warning("taking over %s from %s job pid %s (its lease ran out, or its process is gone)", self.uri,
+                        holder.get("job"), holder.get("pid"))
             storage.remove(self.uri, self.options)
         raise OutputBusy(f"{self.output}: could not take the lock {self.uri}; another job is starting there")
 

@@ -182,6 +182,7 @@ def finished_trials(out: Path) -> dict[str, str]:
     return done
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     pytest.importorskip("pydensecrf.densecrf")  # the CRF paces the trials (installed by `make`)
     write_demo_dataset(str(tmp_path / "voc"), "voc", 40, seed=9)

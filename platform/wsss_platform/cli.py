@@ -43,15 +43,79 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    import signal
+
     from wsss_platform import tracking
 
-    cmd = tracking.ui_command(args.host, args.port)
-    print(f"MLflow UI on http://{args.host}:{args.port} over {tracking.tracking_uri()} (Ctrl-C to stop)", flush=True)
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:") and not os.path.exists(path := uri.removeprefix("sqlite:///")):
+        print(f"error: no MLflow store at {path} (looked there because MLFLOW_TRACKING_URI is not set); run a "
+              "job in this folder first (e.g. `wsss label`), cd to the folder you ran it in, or set "
+              "MLFLOW_TRACKING_URI", file=sys.stderr)
+        return 1
+    if not _port_free(args.host, args.port):
+        print(f"error: {args.host}:{args.port} is already in use (another `wsss ui`?); pick another port, e.g. "
+              f"wsss ui --port {args.port + 1}", file=sys.stderr)
+        return 1
+    runs = tracking.count_runs()
+    print(f"MLflow UI over {uri}: {runs} run{'s' if runs != 1 else ''}" + (" (empty: run a job to fill it)" if not runs else ""),
+          flush=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(tracking.ui_command(args.host, args.port), env=env,
+                            stdout=None if args.verbose else subprocess.DEVNULL,
+                            stderr=None if args.verbose else subprocess.DEVNULL, start_new_session=True)
+    # The server runs its own worker processes: stop the whole group, on Ctrl-C and on SIGTERM alike.
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(proc.pid, signal.SIGTERM))
     try:
-        return subprocess.call(cmd, env=env)
+        if not _wait_listening(args.host, args.port, proc):
+            print(f"error: the MLflow server did not start (exit code {proc.poll()}); rerun with --verbose to see why",
+                  file=sys.stderr)
+            return 1
+        print(f"  open http://{args.host}:{args.port}/#/experiments?{tracking.CLASSIC}   (Ctrl-C stops it)", flush=True)
+        proc.wait()
+        return 0
     except KeyboardInterrupt:
         return 0
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float = 90.0) -> bool:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return True
+        time.sleep(0.3)
+    return False
 
 
 def job_overrides(args: argparse.Namespace, dataset_key: str, extra: dict[str, object] | None = None) -> list[str]:
@@ -78,11 +142,16 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     cfg = load_config(LabelConfig, args.config, label_overrides(args))
     summary = run_label(cfg)
-    if summary.run_id:
-        from wsss_platform import tracking
-
-        print(f"[wsss label] MLflow run {summary.run_id} ({tracking.tracking_uri()}); open it with: wsss ui")
+    if summary.run_url:
+        print_run_url("wsss label", summary.run_url)
     return main_exit_code(summary, cfg)
+
+
+def print_run_url(job: str, url: str) -> None:
+    from wsss_platform import tracking
+
+    local = not tracking.tracking_uri().startswith(("http://", "https://"))
+    print(f"[{job}] MLflow run: {url}" + ("   (start the UI first: wsss ui)" if local else ""))
 
 
 def add_job_args(p: argparse.ArgumentParser, dataset_key: str, config_help: str, output_help: str,
@@ -118,10 +187,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # sweep resumes where it was.
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGUSR1))
     summary = run_sweep(cfg, dims)
-    if summary.parent_run_id:
-        from wsss_platform import tracking
-
-        print(f"[wsss sweep] MLflow parent run {summary.parent_run_id} ({tracking.tracking_uri()}); open it with: wsss ui")
+    if summary.parent_run_url:
+        print_run_url("wsss sweep", summary.parent_run_url)
     if summary.interrupted:
         return 130
     return 0 if summary.best_yaml else 1
@@ -176,9 +243,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, num_images=args.num_images, offline=args.offline)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions and examples as written, defaults shown (where a flag has one of its own)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+ABOUT = {
+    "demo-data": ("Write synthetic shape scenes with exact ground truth in the real VOC or COCO layout.",
+                  ["wsss demo-data --layout voc --out demo-data/voc --num-images 40",
+                   "wsss demo-data --layout coco --out s3://bucket/demo-coco"]),
+    "check": ("Validate a dataset split: counts, classes, sizes, and every problem with its file.",
+              ["wsss data check demo-data/voc --split train", "wsss data check s3://bucket/coco --layout coco --split val2017"]),
+    "ui": ("Serve the MLflow UI over the tracking store (./mlflow.db here, or MLFLOW_TRACKING_URI); Ctrl-C stops it.",
+           ["wsss ui", "wsss ui --port 5001"]),
+    "label": ("CAMs, refined CAMs and pseudo masks for a dataset split with Ray Data, written to --output;\n"
+              "one MLflow run per job. Every config key can be overridden as key.sub=value (see jobs/configs/).",
+              ["wsss label --config jobs/configs/voc.yaml --dataset s3://bucket/VOC2012 --output s3://bucket/clip-es-voc",
+               "wsss label --dataset demo-data/voc --output out model.name=tiny model.pretrained=none mask.crf=false"]),
+    "sweep": ("Search prompt and refinement settings with Ray Tune + Optuna; the best labeling config goes to\n"
+              "<output>/best.yaml. Labeling keys are under label. (label.caa.t=3).",
+              ["wsss sweep --config jobs/configs/synthshapes-sweep.yaml",
+               "wsss sweep --config my-sweep.yaml --dataset s3://bucket/VOC2012 --output s3://bucket/sweeps/voc-1"]),
+    "submit": ("Submit a job to a running Ray cluster through its Job Submission API.",
+               ["wsss submit label --address http://HEAD:8265 --config jobs/configs/voc.yaml --follow"]),
+    "jobs": ("Follow or stop a job submitted with `wsss submit`.", ["wsss jobs logs raysubmit_123 --address http://HEAD:8265"]),
+    "demo": ("Generate the demo dataset and label it end to end (what `make demo` runs).", ["wsss demo --offline"]),
+}
+
+
+def _describe(parser: argparse.ArgumentParser, name: str) -> None:
+    text, examples = ABOUT[name]
+    parser.formatter_class = HelpFormatter
+    parser.description = text
+    parser.epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+
+
+def _version() -> str:
+    from wsss_platform.ray_utils import code_version
+
+    v = code_version()
+    return f"wsss {v['package']} (commit {v['git_commit'][:12]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised semantic segmentation on Ray.")
-    p.add_argument("--verbose", action="store_true", help="show full tracebacks")
+    p = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised semantic segmentation on Ray: label, "
+                                "sweep and track pixel masks from image-level tags.", formatter_class=HelpFormatter)
+    p.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own output and full tracebacks")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo-data", help="write a synthetic dataset with exact ground truth (VOC or COCO format)")
@@ -187,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-images", type=int, default=100)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo_data)
+    _describe(d, "demo-data")
 
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -198,21 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=None, help="check only the first N images")
     c.add_argument("--max-problems", type=int, default=50, help="problems to print (all are counted)")
     c.set_defaults(func=cmd_data_check)
+    _describe(c, "check")
 
     u = sub.add_parser("ui", help="open the MLflow UI on the local tracking store")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(func=cmd_ui)
+    _describe(u, "ui")
 
     lb = sub.add_parser("label", help="compute CAMs and pseudo masks for a dataset split with Ray")
     add_label_args(lb)
     lb.set_defaults(func=cmd_label)
+    _describe(lb, "label")
 
     sw = sub.add_parser("sweep", help="search prompt and refinement settings with Ray Tune + Optuna")
     add_sweep_args(sw)
     sw.set_defaults(func=cmd_sweep)
+    _describe(sw, "sweep")
 
     sb = sub.add_parser("submit", help="submit a job to a Ray cluster (Job Submission API)")
+    _describe(sb, "submit")
     sbsub = sb.add_subparsers(dest="kind", required=True)
     sl = sbsub.add_parser("label", help="submit `wsss label`")
     add_label_args(sl)
@@ -227,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     ss.set_defaults(func=cmd_submit)
 
     jb = sub.add_parser("jobs", help="follow jobs submitted with `wsss submit`")
+    _describe(jb, "jobs")
     jsub = jb.add_subparsers(dest="action", required=True)
     for action, text in (("status", "print a job's status"), ("logs", "print a job's logs"), ("stop", "stop a job")):
         ja = jsub.add_parser(action, help=text)
@@ -241,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--num-images", type=int, default=40)
     dm.add_argument("--offline", action="store_true", help="do not try to download CLIP weights; use the random tiny model")
     dm.set_defaults(func=cmd_demo)
+    _describe(dm, "demo")
     return p
 
 
@@ -250,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     from wsss_platform.storage import StorageError
 
     args = build_parser().parse_args(argv)
+    from wsss_platform.console import set_verbose
+
+    set_verbose(args.verbose)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DatasetError, StorageError, ValueError) as e:

@@ -86,7 +86,50 @@ def mask_secrets(value: Any, field: str | None = None) -> Any:
     return value
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def _section(cls: type[BaseModel] | None, path: tuple) -> type[BaseModel] | None:
+    """The config section (model class) at ``path`` below ``cls``, or None."""
+    for part in path:
+        field = cls.model_fields.get(str(part)) if cls is not None else None
+        ann = field.annotation if field is not None else None
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return cls
+
+
+def all_keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of a config class (sections expanded)."""
+    keys = []
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += all_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def suggest(cls: type[BaseModel] | None, loc: tuple) -> str:
+    """`` (did you mean mask.bg_value?)`` for an unknown key, or the section prefix it lacks."""
+    import difflib
+
+    if cls is None:
+        return ""
+    key = ".".join(str(p) for p in loc)
+    section = _section(cls, loc[:-1])
+    names = list(section.model_fields) if section is not None else []
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?)"
+    # A key of a nested section given at the top (`model.name` in a sweep: `label.model.name`).
+    for full in all_keys(cls):
+        if full.endswith("." + key) or full.endswith("." + str(loc[0])) or f".{loc[0]}." in f".{full}":
+            head = full[: full.index(str(loc[0]))] if str(loc[0]) in full else ""
+            if head:
+                return f" (did you mean {head}{key}?)"
+    close = difflib.get_close_matches(key, all_keys(cls), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def format_validation_error(err: ValidationError, source: str, cls: type[BaseModel] | None = None) -> str:
     lines = [f"invalid config ({source}):"]
     # include_input=False: pydantic's own message may quote the input; ours masks it first.
     for e in err.errors(include_url=False):
@@ -94,7 +137,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         secret = any(str(p) in SECRET_FIELDS for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the example configs in jobs/configs/)"
+            msg = "unknown key" + (suggest(cls, tuple(e["loc"])) or " (check the spelling; see the example configs in jobs/configs/)")
         elif "input" in e and e["type"] not in ("missing",):
             shown = MASK if secret else mask_secrets(e["input"])
             msg = f"{msg} (got {shown!r})" if shown != MASK else f"{msg} (got {MASK})"
@@ -132,7 +175,7 @@ def build_config(cls: type[T], data: dict[str, Any], overrides: list[str] | None
     try:
         return cls.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, cls)) from None
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

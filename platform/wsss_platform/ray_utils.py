@@ -38,6 +38,10 @@ def init_ray(address: str | None = None, storage: StorageOptions | None = None, 
     check_credentials_reach_workers(address, storage)
     if ray.is_initialized():
         return
+    from wsss_platform.console import verbose
+
+    if not verbose():
+        kwargs.setdefault("logging_level", "WARNING")
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -31,7 +31,8 @@ class ImageTooLarge(DatasetError):
 
 
 class DatasetConfig(Section):
-    uri: str = "demo-data/voc"
+    uri: str = ""
+    """Dataset root: a local path or ``s3://bucket/prefix`` (required: ``--dataset``)."""
     layout: Literal["voc", "coco"] = "voc"
     split: str = "train"
     labels_from: Literal["auto", "xml", "mask"] = "auto"

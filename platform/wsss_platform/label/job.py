@@ -8,14 +8,15 @@ one MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import sys
-import tempfile
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,12 +28,13 @@ import pyarrow.parquet as pq
 from wsss_core.metrics import ConfusionMatrix
 from wsss_platform import storage
 from wsss_platform.config import flatten
+from wsss_platform.console import Progress, quiet_ray
 from wsss_platform.datasets import Dataset, open_dataset
 from wsss_platform.datasets.base import decode_mask
 from wsss_platform.label import outputs
 from wsss_platform.label.actors import Labeler, Loader, LoadingLabeler, memory_per_actor
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.preview import grid
+from wsss_platform.label.preview import PreviewRow, grid, iou_chart
 from wsss_platform.label.stages import check_model_paths
 from wsss_platform.ownership import OutputLock, fingerprint, refuse_changed
 from wsss_platform.ray_utils import (
@@ -41,6 +43,7 @@ from wsss_platform.ray_utils import (
     code_version,
     init_ray,
 )
+from wsss_platform.tracking import JobRun
 
 
 @dataclass
@@ -57,6 +60,7 @@ class LabelSummary:
     iou_raw: dict[str, float] = field(default_factory=dict)
     iou: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
+    run_url: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -191,43 +195,51 @@ def claim_output(cfg: LabelConfig, log) -> None:
         log(f"[wsss label] removed {removed} temporary file(s) a killed run left in {out}")
 
 
-def _run(pipeline) -> int:
+def _run(pipeline, progress: Progress, run: JobRun | None) -> int:
     n = 0
     for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
         n += len(batch["image_id"])
+        failed = int((batch["status"] == "failed").sum())
+        if progress.update(len(batch["image_id"]) - failed, failed) and run is not None:
+            run.log_metrics({"images_done": progress.done, "images_failed": progress.failed,
+                             "images_per_s": progress.rate}, step=progress.done + progress.failed)
     return n
 
 
-def _label(cfg: LabelConfig, ds: Dataset, todo: list[str], summary: LabelSummary, log) -> None:
+def _label(cfg: LabelConfig, ds: Dataset, todo: list[str], summary: LabelSummary, log, run: JobRun | None) -> None:
     """Label ``todo``: one pass in batches, then one image a batch for whatever got no result."""
     from ray.data import DataContext
 
     init_ray(cfg.ray_address, cfg.dataset.storage)
+    quiet_ray()
+    progress = Progress("[wsss label]", len(todo))
     # A batch that used up its attempts is dropped rather than ending the job: its images get no
     # manifest row and are redone one by one below, where a failure is that image's alone.
     DataContext.get_current().max_errored_blocks = -1
     token = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
-    summary.processed += _run(_pipeline(cfg, ds, todo, token))
+    summary.processed += _run(_pipeline(cfg, ds, todo, token), progress, run)
     have = set(outputs.read_parts(cfg.output, cfg.dataset.storage).column("image_id").to_pylist())
     missing = [i for i in todo if i not in have]
     if missing:
         log(f"[wsss label] {len(missing)} image(s) got no result in their batch (it failed "
             f"{cfg.compute.max_batch_attempts} times or killed its worker); labeling them one at a time")
-        summary.processed += _run(_pipeline(cfg, ds, missing, token, isolate=True))
+        summary.processed += _run(_pipeline(cfg, ds, missing, token, isolate=True), progress, run)
+    progress.finish()
     summary.seconds = time.perf_counter() - t0
     storage.remove(storage.join(cfg.output, outputs.INFLIGHT), cfg.dataset.storage)
 
 
 def _preview(cfg: LabelConfig, ds: Dataset, manifest: pa.Table) -> bytes | None:
     done = [r for r in manifest.select(["image_id", "status"]).to_pylist() if r["status"] == "done"]
+    names = ["background", *ds.classes.names]
     rows = []
     for r in done[: cfg.tracking.preview_images]:
         row = ds.load(r["image_id"])
         cams = outputs.decode_cams(storage.read_bytes(outputs.cams_uri(cfg.output, r["image_id"]), cfg.dataset.storage))
-        cam = cams["cams"].astype(np.float32).max(0) if cams["cams"].size else np.zeros(cams["cams"].shape[1:], np.float32)
         mask = decode_mask(storage.read_bytes(outputs.mask_uri(cfg.output, r["image_id"]), cfg.dataset.storage), "mask")
-        rows.append((row.image, cam, mask, row.mask))
+        rows.append(PreviewRow(r["image_id"], row.image, cams["cams"].astype(np.float32),
+                               [names[int(c)] for c in cams["labels"]], mask, row.mask))
     return grid(rows) if rows else None
 
 
@@ -246,21 +258,40 @@ def run_label(cfg: LabelConfig, log=print) -> LabelSummary:
         complete = {r["image_id"] for r in previous.select(["image_id", "status"]).to_pylist() if r["status"] == "done"}
         todo = [i for i in ds.ids if i not in complete]
         summary = LabelSummary(output=out, total=len(ds.ids), skipped=len(ds.ids) - len(todo))
+        log(f"[wsss label] {ds.uri} ({cfg.dataset.layout}, split {cfg.dataset.split}): {len(ds.ids)} images, "
+            f"{summary.skipped} already complete, {len(todo)} to do -> {out}")
+        if not todo:
+            return _nothing_to_do(cfg, ds, summary, log)
         run_info = {"config": cfg.model_dump(mode="json"), "settings": label_settings(cfg),
                     "fingerprint": fingerprint(label_settings(cfg)), "code": code_version(),
                     "classes": ds.class_mapping(), "started_at": time.time(), "ray_address": cfg.ray_address}
         storage.write_text(storage.join(out, "run.json"), json.dumps(run_info, indent=2), opts)
-        log(f"[wsss label] {ds.uri} ({cfg.dataset.layout}, split {cfg.dataset.split}): {len(ds.ids)} images, "
-            f"{summary.skipped} already complete, {len(todo)} to do -> {out}")
-        if todo:
-            _label(cfg, ds, todo, summary, log)
-        manifest = _write_manifest(cfg, ds, summary)
-    _score(manifest, ds, summary)
-    if cfg.tracking.enabled:
-        summary.run_id = _track(cfg, ds, summary, manifest, run_info)
+        with job_run(cfg, ds, len(todo)) as run:
+            if run is not None:
+                summary.run_id, summary.run_url = run.run_id, run.url
+                log(f"[wsss label] MLflow run: {run.url}")
+                storage.write_text(storage.join(out, "run.json"),
+                                   json.dumps(run_info | {"mlflow_run_url": run.url}, indent=2), opts)
+            _label(cfg, ds, todo, summary, log, run)
+            manifest = _write_manifest(cfg, ds, summary)
+            _score(manifest, ds, summary)
+            if run is not None:
+                _track(cfg, ds, summary, manifest, run_info, run)
     for image_id, err in summary.failures[:10]:
         log(f"[wsss label] failed {image_id}: {err}")
     log(f"[wsss label] {summary.line()} (total {time.perf_counter() - t_start:.1f}s)")
+    return summary
+
+
+def _nothing_to_do(cfg: LabelConfig, ds: Dataset, summary: LabelSummary, log) -> LabelSummary:
+    """A rerun with every image complete: the summary from the output, and no new MLflow run."""
+    manifest = _write_manifest(cfg, ds, summary)
+    _score(manifest, ds, summary)
+    with contextlib.suppress(storage.StorageError, ValueError):
+        summary.run_url = json.loads(storage.read_text(storage.join(cfg.output, "run.json"), cfg.dataset.storage)).get(
+            "mlflow_run_url")
+    log(f"[wsss label] nothing to do: every image of the split is complete in {cfg.output}"
+        + (f"; its MLflow run: {summary.run_url}" if summary.run_url else "") + " (--overwrite redoes it)")
     return summary
 
 
@@ -296,41 +327,64 @@ def _score(manifest: pa.Table, ds: Dataset, summary: LabelSummary) -> None:
                 summary.miou, summary.iou = cm.miou(), iou
 
 
-def _track(cfg: LabelConfig, ds: Dataset, summary: LabelSummary, manifest: pa.Table, run_info: dict) -> str:
-    import mlflow
-
-    from wsss_platform import tracking
-
-    exp_id = tracking.setup(cfg.tracking.experiment)
-    with mlflow.start_run(experiment_id=exp_id, run_name=cfg.tracking.run_name) as run:
-        tracking.log_params_flat(flatten(cfg.model_dump(mode="json")))
-        metrics = {"images_total": summary.total, "images_done": summary.done, "images_failed": summary.failed,
-                   "images_skipped": summary.skipped, "images_processed": summary.processed,
-                   "images_per_s": summary.images_per_s, "failed_fraction": summary.failed_fraction}
-        if summary.miou is not None:
-            metrics |= {"miou": summary.miou, "miou_raw": summary.miou_raw}
-            metrics |= {f"iou/{k}": v for k, v in summary.iou.items() if v == v}
-            metrics |= {f"iou_raw/{k}": v for k, v in summary.iou_raw.items() if v == v}
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags({"wsss.job": "label", "wsss.output": cfg.output, "wsss.dataset": ds.uri})
-        mlflow.log_text(json.dumps(run_info, indent=2), "run.json")
-        buf = io.BytesIO()
-        pq.write_table(manifest, buf)
-        _log_bytes(buf.getvalue(), "manifest.parquet")
-        preview = _preview(cfg, ds, manifest) if cfg.tracking.preview_images else None
-        if preview:
-            _log_bytes(preview, "preview.png")
-        return run.info.run_id
+RANDOM_NOTE = "random weights (model.pretrained: none): the CAMs, masks and mIoU of this run are meaningless"
 
 
-def _log_bytes(data: bytes, name: str) -> None:
-    import mlflow
+def method_name(cfg: LabelConfig) -> str:
+    return "+".join([cfg.cam_source, *([cfg.refine] if cfg.refine != "none" else []), *(["crf"] if cfg.mask.crf else [])])
 
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, name)
-        with open(path, "wb") as f:
-            f.write(data)
-        mlflow.log_artifact(path)
+
+def run_name(cfg: LabelConfig) -> str:
+    data = os.path.basename(cfg.dataset.uri.rstrip("/")) or cfg.dataset.uri
+    return cfg.tracking.run_name or f"label {data}/{cfg.dataset.split} {method_name(cfg)}"
+
+
+@contextlib.contextmanager
+def job_run(cfg: LabelConfig, ds: Dataset, todo: int) -> Iterator[JobRun | None]:
+    """The job's MLflow run, open while it works (None when tracking is off)."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    random = cfg.model.pretrained.lower() in ("", "none")
+    desc = (f"Pseudo masks for {todo} images of {ds.uri} (split {cfg.dataset.split}) with {method_name(cfg)} on "
+            f"{cfg.model.name}, written to {cfg.output}." + (f"\n\n**{RANDOM_NOTE}**" if random else ""))
+    tags = {"wsss.job": "label", "wsss.dataset": ds.uri, "wsss.split": cfg.dataset.split,
+            "wsss.model": f"{cfg.model.name} ({cfg.model.pretrained})", "wsss.cam_source": cfg.cam_source,
+            "wsss.refiner": cfg.refine, "wsss.output": cfg.output, "wsss.code_version": code_version()["git_commit"][:12]}
+    if random:
+        tags["wsss.warning"] = RANDOM_NOTE
+    with JobRun(cfg.tracking.experiment, run_name(cfg), tags, desc, flatten(cfg.model_dump(mode="json"))) as run:
+        data = f"{os.path.basename(ds.uri.rstrip('/'))}/{cfg.dataset.split}"
+        run.log_dataset(data, ds.uri, fingerprint({"uri": ds.uri, "split": cfg.dataset.split, "ids": ds.ids}), "labeling")
+        yield run
+
+
+def _track(cfg: LabelConfig, ds: Dataset, summary: LabelSummary, manifest: pa.Table, run_info: dict, run: JobRun) -> None:
+    metrics = {"images_total": summary.total, "images_done": summary.done, "images_failed": summary.failed,
+               "images_skipped": summary.skipped, "images_processed": summary.processed,
+               "images_per_s": summary.images_per_s, "failed_fraction": summary.failed_fraction}
+    if summary.miou is not None:
+        metrics |= {"miou": summary.miou, "miou_raw": summary.miou_raw}
+        metrics |= {f"iou/{k}": v for k, v in summary.iou.items()}
+        metrics |= {f"iou_raw/{k}": v for k, v in summary.iou_raw.items()}
+        run.log_table(per_class_table(summary.iou, summary.iou_raw), "per_class_iou.json")
+        run.log_bytes(iou_chart(summary.iou, summary.iou_raw, f"per-class IoU, {run_name(cfg)}"), "per_class_iou.png")
+    run.log_metrics(metrics, step=summary.done + summary.failed)
+    if summary.failed_fraction > cfg.max_failed_fraction:
+        run.fail(f"{summary.failed} of {summary.total} images failed, above max_failed_fraction={cfg.max_failed_fraction}")
+    run.log_bytes(json.dumps(run_info, indent=2).encode(), "run.json")
+    buf = io.BytesIO()
+    pq.write_table(manifest, buf)
+    run.log_bytes(buf.getvalue(), "manifest.parquet")
+    preview = _preview(cfg, ds, manifest) if cfg.tracking.preview_images else None
+    if preview:
+        run.log_bytes(preview, "preview.png")
+
+
+def per_class_table(iou: dict[str, float], iou_raw: dict[str, float]) -> dict[str, list[Any]]:
+    names = [k for k in iou if iou[k] == iou[k] or iou_raw.get(k) == iou_raw.get(k)]
+    return {"class": names, "iou": [round(iou[k], 4) if iou[k] == iou[k] else None for k in names],
+            "iou_raw_cam": [round(iou_raw[k], 4) if iou_raw.get(k) == iou_raw.get(k) else None for k in names]}
 
 
 def main_exit_code(summary: LabelSummary, cfg: LabelConfig) -> int:

@@ -1,13 +1,21 @@
-"""A preview grid for MLflow: image | CAM (max over classes) | pseudo mask | ground truth."""
+"""Pictures for MLflow: a titled preview grid and a per-class IoU chart.
+
+Preview: one row per image, titled with its id and present classes: image | the CAM of each
+present class | pseudo mask | ground truth.
+"""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from wsss_core.classes import voc_palette
+
+BG = (32, 32, 32)
+FG = (235, 235, 235)
 
 
 def heatmap(cam: np.ndarray) -> np.ndarray:
@@ -19,25 +27,75 @@ def heatmap(cam: np.ndarray) -> np.ndarray:
     return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
 
 
-def grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]], cell: int = 160) -> bytes:
-    """PNG bytes of one row per image: (image [H,W,3], cam [h,w], mask [H,W], gt [H,W] or None)."""
+@dataclass
+class PreviewRow:
+    image_id: str
+    image: np.ndarray
+    """uint8 [H, W, 3]"""
+    cams: np.ndarray
+    """[K, h, w] in [0, 1], one per present class"""
+    class_names: list[str]
+    """the K present classes"""
+    mask: np.ndarray
+    """uint8 [H, W] pseudo mask (255 = ignore)"""
+    gt: np.ndarray | None
+    """uint8 [H, W] ground truth, when there is one"""
+
+
+def _cell(array: np.ndarray, size: tuple[int, int], nearest: bool) -> Image.Image:
+    return Image.fromarray(array).resize(size, Image.NEAREST if nearest else Image.BILINEAR)
+
+
+def grid(rows: list[PreviewRow], cell: int = 160, title_h: int = 16) -> bytes:
+    """PNG bytes of the titled grid."""
     pal = voc_palette()
-    tiles = []
-    for image, cam, mask, gt in rows:
-        h, w = image.shape[:2]
+    k_max = max((len(r.class_names) for r in rows), default=1) or 1
+    cols = 3 + k_max
+    height = cell + 2 * title_h
+    out = Image.new("RGB", (cols * cell, height * max(1, len(rows))), BG)
+    draw = ImageDraw.Draw(out)
+    for i, r in enumerate(rows):
+        y = i * height
+        h, w = r.image.shape[:2]
         scale = cell / max(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        cells = [Image.fromarray(image).resize(size, Image.BILINEAR),
-                 Image.fromarray(heatmap(cam)).resize(size, Image.BILINEAR),
-                 Image.fromarray(pal[mask]).resize(size, Image.NEAREST),
-                 Image.fromarray(pal[gt] if gt is not None and gt.size else np.zeros((h, w, 3), np.uint8)).resize(size, Image.NEAREST)]
-        row = Image.new("RGB", (4 * cell, cell), (32, 32, 32))
-        for j, c in enumerate(cells):
-            row.paste(c, (j * cell, 0))
-        tiles.append(row)
-    out = Image.new("RGB", (4 * cell, cell * max(1, len(tiles))), (32, 32, 32))
-    for i, t in enumerate(tiles):
-        out.paste(t, (0, i * cell))
+        gt = pal[r.gt] if r.gt is not None and r.gt.size else np.zeros((h, w, 3), np.uint8)
+        cells = [("image", _cell(r.image, size, False))]
+        cells += [(f"CAM {n}", _cell(heatmap(c), size, False)) for n, c in zip(r.class_names, r.cams, strict=True)]
+        cells += [("", None)] * (k_max - len(r.class_names))
+        cells += [("pseudo mask", _cell(pal[r.mask], size, True)), ("ground truth", _cell(gt, size, True))]
+        draw.text((4, y + 2), f"{r.image_id}: {', '.join(r.class_names) or 'no class'}", fill=FG)
+        for j, (label, im) in enumerate(cells):
+            if im is not None:
+                out.paste(im, (j * cell, y + title_h))
+                draw.text((j * cell + 4, y + title_h + cell + 2), label, fill=FG)
     buf = io.BytesIO()
     out.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def iou_chart(iou: dict[str, float], iou_raw: dict[str, float], title: str) -> bytes:
+    """PNG bytes of a horizontal bar chart: per class, refined and raw-CAM IoU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in iou if iou[k] == iou[k] or iou_raw.get(k, float("nan")) == iou_raw.get(k, float("nan"))]
+    ref = [iou[k] if iou[k] == iou[k] else 0.0 for k in names]
+    raw = [iou_raw.get(k, 0.0) if iou_raw.get(k, 0.0) == iou_raw.get(k, 0.0) else 0.0 for k in names]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(names) + 1.2))
+    ax.barh(y - 0.2, raw, height=0.4, label="raw CAM", color="#9bb7d4")
+    ax.barh(y + 0.2, ref, height=0.4, label="refined", color="#1f5fa8")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
     return buf.getvalue()

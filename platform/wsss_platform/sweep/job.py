@@ -31,6 +31,7 @@ import yaml
 
 from wsss_platform import storage
 from wsss_platform.config import ConfigError, build_config
+from wsss_platform.console import quiet_ray
 from wsss_platform.datasets import open_dataset
 from wsss_platform.datasets.base import DatasetError
 from wsss_platform.label.config import LabelConfig
@@ -46,6 +47,7 @@ from wsss_platform.ray_utils import (
 )
 from wsss_platform.sweep import cache
 from wsss_platform.sweep.config import Dim, SweepConfig, apply_params, resolve_params
+from wsss_platform.sweep.search import searcher, space_size
 from wsss_platform.sweep.trial import TrialContext
 
 EXPERIMENT = "sweep"
@@ -64,6 +66,7 @@ class SweepSummary:
     best_params: dict[str, Any] = field(default_factory=dict)
     best_yaml: str | None = None
     parent_run_id: str | None = None
+    parent_run_url: str | None = None
     resumed: bool = False
     interrupted: bool = False
     seconds: float = 0.0
@@ -173,7 +176,7 @@ def features_task(label: dict[str, Any], output: str, opts: dict[str, Any], laye
     return feats.seconds
 
 
-def _mlflow_parent(cfg: SweepConfig, out: str, state: dict[str, Any]) -> tuple[Any, str]:
+def _mlflow_parent(cfg: SweepConfig, out: str, state: dict[str, Any], n_images: int, n_trials: int) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
     from wsss_platform import tracking
@@ -193,9 +196,16 @@ def _mlflow_parent(cfg: SweepConfig, out: str, state: dict[str, Any]) -> tuple[A
         for r in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"):
             client.set_terminated(r.info.run_id, status="KILLED")
         return client, run_id
-    run = client.create_run(exp_id, run_name=cfg.tracking.run_name or f"sweep {os.path.basename(out)}",
-                            tags={"wsss.job": "sweep", "wsss.output": out, "wsss.dataset": cfg.label.dataset.uri})
-    params = {"objective": cfg.objective, "subset.num_images": cfg.subset.num_images, "subset.seed": cfg.subset.seed,
+    data = f"{os.path.basename(cfg.label.dataset.uri.rstrip('/'))}/{cfg.label.dataset.split}"
+    name = cfg.tracking.run_name or f"sweep {data} {cfg.objective} ({n_trials} trials)"
+    desc = (f"Ray Tune + Optuna over {', '.join(cfg.search_space)} on {n_images} images of "
+            f"{cfg.label.dataset.uri}; best labeling config in {out}/best.yaml.")
+    run = client.create_run(exp_id, run_name=name, tags={
+        "wsss.job": "sweep", "wsss.output": out, "wsss.dataset": cfg.label.dataset.uri, "wsss.split": cfg.label.dataset.split,
+        "wsss.model": f"{cfg.label.model.name} ({cfg.label.model.pretrained})", "wsss.cam_source": cfg.label.cam_source,
+        "wsss.refiner": cfg.label.refine, "wsss.code_version": code_version()["git_commit"][:12],
+        "mlflow.note.content": desc})
+    params = {"objective": cfg.objective, "subset.num_images": n_images, "subset.seed": cfg.subset.seed,
               **{f"tune.{k}": v for k, v in cfg.tune.model_dump(mode="json").items()},
               "search_space": json.dumps(cfg.search_space)[:6000], "model.name": cfg.label.model.name,
               "dataset.uri": cfg.label.dataset.uri, "dataset.split": cfg.label.dataset.split}
@@ -304,14 +314,45 @@ def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
         return _run_sweep(cfg, dims, out, state, log)
 
 
-def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any], log) -> SweepSummary:
+def _tuner(cfg: SweepConfig, dims: list[Dim], trainable, out: str, parent: str | None, num_samples: int,
+           summary: SweepSummary, log):
+    """A new Tuner, or the interrupted one restored from ``<output>/tune``."""
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
     from wsss_platform import tracking
+    from wsss_platform.console import verbose
+    from wsss_platform.sweep.report import TrialLines, TrialRuns
+
+    pa_fs, tune_root = storage.pyarrow_filesystem(storage.join(out, "tune"), cfg.label.dataset.storage)
+    exp_path = tune_root.rstrip("/") + "/" + EXPERIMENT
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=pa_fs):
+        summary.resumed = True
+        log(f"[wsss sweep] resuming the interrupted sweep in {exp_path}")
+        return tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=pa_fs)
+    callbacks: list = [TrialLines(num_samples, cfg.objective, cfg.mode)]
+    if parent:
+        callbacks.append(TrialRuns(
+            tracking_uri=tracking.tracking_uri(), experiment_name=cfg.tracking.experiment,
+            tags={"mlflow.parentRunId": parent, "wsss.job": "sweep-trial", "wsss.output": out}))
+    scheduler = ASHAScheduler(metric="objective", mode=cfg.mode, max_t=cfg.tune.report_chunks,
+                              grace_period=1, reduction_factor=2) if cfg.tune.early_stopping else None
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher(cfg, dims), scheduler=scheduler, num_samples=num_samples,
+            max_concurrent_trials=cfg.tune.max_concurrent_trials, time_budget_s=cfg.tune.time_budget_s,
+            reuse_actors=True,  # a trial's actor (and its loaded caches) serves the next trial
+            trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+        # Tune's tables and hints only with --verbose; TrialLines prints one line per trial.
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=tune_root, storage_filesystem=pa_fs,
+                                  callbacks=callbacks, verbose=1 if verbose() else 0))
+
+
+def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any], log) -> SweepSummary:
+    from ray import tune
+
     from wsss_platform.sweep import trial
-    from wsss_platform.sweep.search import searcher
 
     t_start = time.perf_counter()
     opts = cfg.label.dataset.storage
@@ -325,6 +366,7 @@ def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any
         f"{cfg.tune.num_trials} trials over {', '.join(d.name for d in dims)} -> {out}")
 
     init_ray(cfg.ray_address, opts)
+    quiet_ray()
     keep_credentials_out_of_runtime_envs()
     import ray
 
@@ -341,8 +383,12 @@ def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any
 
     parent = None
     if cfg.tracking.enabled:
-        client, parent = _mlflow_parent(cfg, out, state)
+        from wsss_platform import tracking
+
+        client, parent = _mlflow_parent(cfg, out, state, len(subset.ids), min(cfg.tune.num_trials, space_size(dims) or cfg.tune.num_trials))
         summary.parent_run_id = parent
+        summary.parent_run_url = tracking.run_url(client.get_run(parent).info.experiment_id, parent)
+        log(f"[wsss sweep] MLflow run: {summary.parent_run_url}")
     state |= {"parent_run_id": parent, "subset": subset.ids, "updated_at": time.time()}
     storage.write_text(state_uri, json.dumps(state, indent=2), opts)
 
@@ -351,30 +397,12 @@ def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any
     ctx = TrialContext(out, label_payload, storage_payload, cfg.objective, cfg.tune.report_chunks, gpus, locks_name)
     trainable = tune.with_resources(tune.with_parameters(trial.trainable, ctx=ctx),
                                     {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus})
-    pa_fs, tune_root = storage.pyarrow_filesystem(storage.join(out, "tune"), opts)
-    exp_path = (tune_root.rstrip("/") + "/" + EXPERIMENT)
+    num_samples = cfg.tune.num_trials
+    if (size := space_size(dims)) is not None and size < num_samples:
+        log(f"[wsss sweep] the search space holds only {size} settings: {size} trials, each once (budget {num_samples})")
+        num_samples = summary.num_trials = size
     try:
-        if tune.Tuner.can_restore(exp_path, storage_filesystem=pa_fs):
-            summary.resumed = True
-            log(f"[wsss sweep] resuming the interrupted sweep in {exp_path}")
-            tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=pa_fs)
-        else:
-            callbacks = []
-            if parent:
-                callbacks.append(MLflowLoggerCallback(
-                    tracking_uri=tracking.tracking_uri(), experiment_name=cfg.tracking.experiment,
-                    tags={"mlflow.parentRunId": parent, "wsss.job": "sweep-trial", "wsss.output": out}))
-            scheduler = ASHAScheduler(metric="objective", mode=cfg.mode, max_t=cfg.tune.report_chunks,
-                                      grace_period=1, reduction_factor=2) if cfg.tune.early_stopping else None
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher(cfg, dims), scheduler=scheduler, num_samples=cfg.tune.num_trials,
-                    max_concurrent_trials=cfg.tune.max_concurrent_trials, time_budget_s=cfg.tune.time_budget_s,
-                    reuse_actors=True,  # a trial's actor (and its loaded caches) serves the next trial
-                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=tune_root, storage_filesystem=pa_fs,
-                                          callbacks=callbacks, verbose=1))
+        tuner = _tuner(cfg, dims, trainable, out, parent, num_samples, summary, log)
         results = tuner.fit()
     except BaseException:
         if parent:
@@ -388,7 +416,7 @@ def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any
     finished = summary.complete + summary.stopped + summary.errored
     summary.seconds = time.perf_counter() - t_start
     budget_hit = cfg.tune.time_budget_s is not None and summary.seconds >= cfg.tune.time_budget_s
-    summary.interrupted = finished < cfg.tune.num_trials and not budget_hit
+    summary.interrupted = finished < summary.num_trials and not budget_hit
     files = {"trials.csv": _write_csv(rows, storage.join(out, "trials.csv"), opts)} if rows else {}
     scored = [r for r in rows if r["status"] == "complete" and r["objective"] is not None and not math.isnan(r["objective"])]
     if scored:
@@ -405,6 +433,9 @@ def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any
         text = header + yaml.safe_dump(best_label_data(cfg, summary.best_params), sort_keys=False)
         storage.write_text(summary.best_yaml, text, opts)
         files["best.yaml"] = text.encode()
+        if parent and (png := trial.preview({k[6:]: v for k, v in best.items() if k.startswith("param:") and v is not None},
+                                            ctx, cfg.label.tracking.preview_images)):
+            files["preview_best.png"] = png
     if not summary.interrupted:
         state["finished"] = dataclasses.asdict(summary)
         storage.write_text(state_uri, json.dumps(state, indent=2), opts)
@@ -413,7 +444,7 @@ def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any
         _finish_parent(client, parent, summary, rows, dims, cfg.mode, files, log)
         client.set_terminated(parent, status="KILLED" if summary.interrupted else "FINISHED")
     if summary.interrupted:
-        log(f"[wsss sweep] interrupted after {finished} of {cfg.tune.num_trials} trials; run the same command "
+        log(f"[wsss sweep] interrupted after {finished} of {summary.num_trials} trials; run the same command "
             "again to resume")
     log(f"[wsss sweep] {summary.line()}")
     return summary

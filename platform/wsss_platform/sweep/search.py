@@ -39,12 +39,29 @@ class DefineSpace:
                 trial.suggest_float(d.name, d.low, d.high, step=d.step, log=d.log)
 
 
+def space_size(dims: list[Dim]) -> int | None:
+    """How many distinct settings the space holds, when that is finite and small to count
+    (categorical and integer dimensions, none conditional); else None."""
+    size = 1
+    for d in dims:
+        if d.when is not None or d.kind == "float":
+            return None
+        size *= len(d.choices) if d.kind == "categorical" else int((d.high - d.low) // (d.step or 1)) + 1
+    return size
+
+
 def searcher(cfg: SweepConfig, dims: list[Dim]):
     from ray.tune.search.optuna import OptunaSearch
 
-    sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.startup_trials,
-                                         # concurrent trials would otherwise be proposed the same point
-                                         constant_liar=cfg.tune.max_concurrent_trials > 1)
+    size = space_size(dims)
+    if size is not None and size <= cfg.tune.num_trials:
+        # TPE draws a small categorical space with repeats (6 trials over 6 templates scored 3 of
+        # them); when the budget covers the space, enumerate it: each setting exactly once.
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.BruteForceSampler(seed=cfg.tune.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=cfg.tune.startup_trials,
+                                             # concurrent trials would otherwise be proposed the same point
+                                             constant_liar=cfg.tune.max_concurrent_trials > 1)
     return OptunaSearch(DefineSpace(dims, cfg.label.mask.bg_rule), metric="objective", mode=cfg.mode, sampler=sampler)
 
 

@@ -21,8 +21,10 @@ from wsss_core.clip_es import results_for_group
 from wsss_core.masks import IGNORE
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.prompts import sharpness
+from wsss_platform import storage
 from wsss_platform.config import build_config
 from wsss_platform.label.config import LabelConfig
+from wsss_platform.label.preview import PreviewRow, grid
 from wsss_platform.label.stages import caa_params, device_for, load_clip, mask_params
 from wsss_platform.storage import StorageOptions
 from wsss_platform.sweep import cache
@@ -72,8 +74,9 @@ class Scorer:
     """Confusion matrices of the raw, refined and confident-only masks, filled chunk by chunk."""
 
     def __init__(self, cfg: LabelConfig, subset: cache.Subset, features: cache.Features, cams: cache.Cams,
-                 device: torch.device) -> None:
+                 device: torch.device, keep: int = 0) -> None:
         self.cfg, self.subset, self.features, self.cams, self.device = cfg, subset, features, cams, device
+        self.keep, self.kept = keep, []  # preview rows of the first `keep` images
         self.names = ["background", *subset.class_names]
         self.cm_raw, self.cm, self.cm_conf = (ConfusionMatrix(len(self.names)) for _ in range(3))
         self.caa, self.masks = caa_params(cfg), mask_params(cfg)
@@ -89,6 +92,8 @@ class Scorer:
             group = results_for_group([self.cams.cams[i].to(self.device) for i in idx], attn, [s.labels[i] for i in idx],
                                       size, self.caa, self.masks, cache.np_images(s, idx) if self.masks.crf else None)
             for i, r in zip(idx, group, strict=True):
+                if i < self.keep:
+                    self.kept.append(self._row(i, r))
                 conf = r.mask_conf
                 self.ignored += int((conf == IGNORE).sum())
                 self.pixels += conf.numel()
@@ -101,6 +106,12 @@ class Scorer:
                 self.cm_conf.update(r.mask, torch.where(conf == IGNORE, torch.full_like(gt, IGNORE), gt))
         self.done = upto
 
+    def _row(self, i: int, r) -> PreviewRow:
+        s, gt = self.subset, self.subset.masks[i]
+        return PreviewRow(s.ids[i], s.images[i].numpy(), r.refined.float().cpu().numpy(),
+                          [self.names[c] for c in s.labels[i]], r.mask_conf.cpu().numpy(),
+                          None if gt is None else gt.numpy())
+
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"images": self.done, "ignore_fraction": self.ignored / max(1, self.pixels)}
         if self.scored:
@@ -112,8 +123,6 @@ class Scorer:
 def _cams_for(cfg: LabelConfig, ctx: TrialContext, subset: cache.Subset, features: cache.Features,
               device: torch.device) -> tuple[cache.Cams, bool]:
     """This prompt setting's CAMs: from the cache, else computed (one trial per setting) and cached."""
-    from wsss_platform import storage
-
     opts = ctx.options()
     uri = cache.cams_uri(ctx.output, cache.prompt_key(cfg))
     if uri in _MEMO or storage.exists(uri, opts):
@@ -178,6 +187,22 @@ def evaluate(params: dict[str, Any], ctx: TrialContext, report) -> dict[str, Any
         metrics["objective"] = metrics.get("miou", float("nan")) if ctx.objective == "miou" else sharp
         report(metrics)
     return metrics
+
+
+def preview(params: dict[str, Any], ctx: TrialContext, n: int) -> bytes | None:
+    """The preview grid of a (finished) trial's masks on the first ``n`` images of the subset,
+    from the caches (no network runs); None when its CAMs are not cached."""
+    cfg = label_config(ctx, params)
+    opts = ctx.options()
+    uri = cache.cams_uri(ctx.output, cache.prompt_key(cfg))
+    if n <= 0 or not storage.exists(uri, opts):
+        return None
+    subset = cache.load_subset(cache.subset_uri(ctx.output), opts)
+    features = cache.load_features(cache.features_uri(ctx.output), opts)
+    scorer = Scorer(cfg, subset, features, cache.load_cams(uri, opts), torch.device("cpu"), keep=n)
+    scorer.add(min(n, len(subset.ids)))
+    order = {image_id: k for k, image_id in enumerate(subset.ids)}
+    return grid(sorted(scorer.kept, key=lambda row: order[row.image_id]))
 
 
 def trainable(config: dict[str, Any], ctx: TrialContext) -> None:

@@ -58,13 +58,5 @@ def run_demo(workdir: str = ".", num_images: int = 40, offline: bool = False) ->
     if summary.miou is not None:
         print(f"[demo] pseudo-mask mIoU: raw CAM {summary.miou_raw:.4f}, CAA-refined {summary.miou:.4f}")
     print(f"[demo] MLflow run {summary.run_id} in {tracking.tracking_uri(root)}")
-    print(f"[demo] open the UI on that run:  .venv/bin/wsss ui   then http://127.0.0.1:5000/#/experiments/"
-          f"{_experiment_id()}/runs/{summary.run_id}")
+    print(f"[demo] open the UI on that run:  .venv/bin/wsss ui   then {summary.run_url}")
     return main_exit_code(summary, cfg)
-
-
-def _experiment_id() -> str:
-    import mlflow
-
-    exp = mlflow.get_experiment_by_name("wsss-demo")
-    return exp.experiment_id if exp else "0"

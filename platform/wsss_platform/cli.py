@@ -247,7 +247,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Descriptions and examples as written, defaults shown (where a flag has one of its own)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, [], argparse.SUPPRESS):
+        if action.default is None or action.default is False or action.default == [] or action.default == argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 
@@ -297,10 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo-data", help="write a synthetic dataset with exact ground truth (VOC or COCO format)")
-    d.add_argument("--layout", choices=["voc", "coco"], default="voc")
+    d.add_argument("--layout", choices=["voc", "coco"], default="voc", help="dataset format")
     d.add_argument("--out", required=True, help="output URI: a local path or s3://bucket/prefix")
-    d.add_argument("--num-images", type=int, default=100)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num-images", type=int, default=100, help="scenes to generate (split 80/20 into train/val)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same data)")
     d.set_defaults(func=cmd_demo_data)
     _describe(d, "demo-data")
 
@@ -308,17 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="validate a dataset; exit 1 when problems are found")
     c.add_argument("uri", help="dataset root: a local path or s3://bucket/prefix")
-    c.add_argument("--layout", choices=["voc", "coco"], default="voc")
-    c.add_argument("--split", default="train")
-    c.add_argument("--labels-from", choices=["auto", "xml", "mask"], default="auto")
+    c.add_argument("--layout", choices=["voc", "coco"], default="voc", help="dataset format")
+    c.add_argument("--split", default="train", help="split name (VOC: ImageSets/Segmentation/<split>.txt)")
+    c.add_argument("--labels-from", choices=["auto", "xml", "mask"], default="auto",
+                   help="VOC image-level labels: Annotations XML, masks, or xml when present")
     c.add_argument("--limit", type=int, default=None, help="check only the first N images")
     c.add_argument("--max-problems", type=int, default=50, help="problems to print (all are counted)")
     c.set_defaults(func=cmd_data_check)
     _describe(c, "check")
 
     u = sub.add_parser("ui", help="open the MLflow UI on the local tracking store")
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    u.add_argument("--port", type=int, default=5000, help="port to serve on")
     u.set_defaults(func=cmd_ui)
     _describe(u, "ui")
 
@@ -359,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
         ja.set_defaults(func=cmd_jobs)
 
     dm = sub.add_parser("demo", help="run the end-to-end demo on generated data (what `make demo` runs)")
-    dm.add_argument("--workdir", default=".")
-    dm.add_argument("--num-images", type=int, default=40)
+    dm.add_argument("--workdir", default=".", help="folder for demo-data/, demo-output/ and the MLflow store")
+    dm.add_argument("--num-images", type=int, default=40, help="scenes to generate")
     dm.add_argument("--offline", action="store_true", help="do not try to download CLIP weights; use the random tiny model")
     dm.set_defaults(func=cmd_demo)
     _describe(dm, "demo")

@@ -289,6 +289,35 @@ def _version() -> str:
     return f"wsss {v['package']} (commit {v['git_commit'][:12]})"
 
 
+def _add_cluster_commands(sub) -> None:
+    """`wsss submit …` and `wsss jobs …`: jobs on a running Ray cluster."""
+    sb = sub.add_parser("submit", help="submit a job to a Ray cluster (Job Submission API)")
+    _describe(sb, "submit")
+    sbsub = sb.add_subparsers(dest="kind", required=True)
+    sl = sbsub.add_parser("label", help="submit `wsss label`")
+    add_label_args(sl)
+    sl.add_argument("--submission-id", default=None)
+    sl.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
+    sl.set_defaults(func=cmd_submit)
+
+    ss = sbsub.add_parser("sweep", help="submit `wsss sweep`")
+    add_sweep_args(ss)
+    ss.add_argument("--submission-id", default=None)
+    ss.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
+    ss.set_defaults(func=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="follow jobs submitted with `wsss submit`")
+    _describe(jb, "jobs")
+    jsub = jb.add_subparsers(dest="action", required=True)
+    for action, text in (("status", "print a job's status"), ("logs", "print a job's logs"), ("stop", "stop a job")):
+        ja = jsub.add_parser(action, help=text)
+        ja.add_argument("job_id")
+        ja.add_argument("--address", help="dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+        if action == "logs":
+            ja.add_argument("--follow", action="store_true")
+        ja.set_defaults(func=cmd_jobs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised semantic segmentation on Ray: label, "
                                 "sweep and track pixel masks from image-level tags.", formatter_class=HelpFormatter)
@@ -333,31 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=cmd_sweep)
     _describe(sw, "sweep")
 
-    sb = sub.add_parser("submit", help="submit a job to a Ray cluster (Job Submission API)")
-    _describe(sb, "submit")
-    sbsub = sb.add_subparsers(dest="kind", required=True)
-    sl = sbsub.add_parser("label", help="submit `wsss label`")
-    add_label_args(sl)
-    sl.add_argument("--submission-id", default=None)
-    sl.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
-    sl.set_defaults(func=cmd_submit)
-
-    ss = sbsub.add_parser("sweep", help="submit `wsss sweep`")
-    add_sweep_args(ss)
-    ss.add_argument("--submission-id", default=None)
-    ss.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
-    ss.set_defaults(func=cmd_submit)
-
-    jb = sub.add_parser("jobs", help="follow jobs submitted with `wsss submit`")
-    _describe(jb, "jobs")
-    jsub = jb.add_subparsers(dest="action", required=True)
-    for action, text in (("status", "print a job's status"), ("logs", "print a job's logs"), ("stop", "stop a job")):
-        ja = jsub.add_parser(action, help=text)
-        ja.add_argument("job_id")
-        ja.add_argument("--address", help="dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
-        if action == "logs":
-            ja.add_argument("--follow", action="store_true")
-        ja.set_defaults(func=cmd_jobs)
+    _add_cluster_commands(sub)
 
     dm = sub.add_parser("demo", help="run the end-to-end demo on generated data (what `make demo` runs)")
     dm.add_argument("--workdir", default=".", help="folder for demo-data/, demo-output/ and the MLflow store")

@@ -349,6 +349,62 @@ def _tuner(cfg: SweepConfig, dims: list[Dim], trainable, out: str, parent: str |
                                   callbacks=callbacks, verbose=1 if verbose() else 0))
 
 
+def _best(cfg: SweepConfig, rows: list[dict[str, Any]], out: str, summary: SweepSummary) -> dict[str, Any] | None:
+    """The best scored trial's row, its config written to ``best.yaml``; None when none scored."""
+    scored = [r for r in rows if r["status"] == "complete" and r["objective"] is not None and not math.isnan(r["objective"])]
+    if not scored:
+        return None
+    # Ties (common: mask.mu does not move miou) go to the earliest trial, so a rerun picks the same one.
+    scored.sort(key=lambda r: r["trial"])
+    best = (max if cfg.mode == "max" else min)(scored, key=lambda r: r["objective"])
+    summary.best_trial, summary.best_value = best["trial"], float(best["objective"])
+    summary.best_yaml = storage.join(out, "best.yaml")
+    summary.best_params = resolve_params(
+        {k[6:]: v for k, v in best.items() if k.startswith("param:") and v is not None}, cfg.label.mask.bg_rule)
+    header = (f"# Best trial {best['trial']} of the sweep in {out}: {cfg.objective} = {best['objective']:.4f} on "
+              f"{best['images']} images of {cfg.label.dataset.uri}.\n"
+              f"# Run it (from the folder the sweep ran in): wsss label --config {summary.best_yaml}\n")
+    text = header + yaml.safe_dump(best_label_data(cfg, summary.best_params), sort_keys=False)
+    storage.write_text(summary.best_yaml, text, cfg.label.dataset.storage)
+    return best
+
+
+def _cache_features(cfg: SweepConfig, dims: list[Dim], out: str, label_payload: dict[str, Any], gpus: float,
+                    log) -> None:
+    """The subset's backbone features, once per sweep, by a Ray task with a trial's resources."""
+    import ray
+
+    layers = cache.attn_layers_needed(cfg.label, dims)
+    log(f"[wsss sweep] backbone features of the subset (once; attention for L in {layers}) ...")
+    task = ray.remote(features_task).options(num_cpus=cfg.tune.cpus_per_trial, num_gpus=gpus)
+    secs = ray.get(task.remote(label_payload, out, label_payload["dataset"]["storage"], layers, gpus))
+    log(f"[wsss sweep] features cached in {secs:.1f}s")
+
+
+def _open_parent(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any], n_images: int,
+                 summary: SweepSummary, log) -> tuple[Any, str]:
+    from wsss_platform import tracking
+
+    trials = min(cfg.tune.num_trials, space_size(dims) or cfg.tune.num_trials)
+    client, parent = _mlflow_parent(cfg, out, state, n_images, trials)
+    summary.parent_run_id = parent
+    summary.parent_run_url = tracking.run_url(client.get_run(parent).info.experiment_id, parent)
+    log(f"[wsss sweep] MLflow run: {summary.parent_run_url}")
+    return client, parent
+
+
+def _tally(cfg: SweepConfig, rows: list[dict[str, Any]], summary: SweepSummary, t_start: float) -> int:
+    """Trial counts into the summary; returns how many trials finished (one way or another)."""
+    summary.complete = sum(r["status"] == "complete" for r in rows)
+    summary.stopped = sum(r["status"] == "stopped" for r in rows)
+    summary.errored = sum(r["status"] == "error" for r in rows)
+    finished = summary.complete + summary.stopped + summary.errored
+    summary.seconds = time.perf_counter() - t_start
+    budget_hit = cfg.tune.time_budget_s is not None and summary.seconds >= cfg.tune.time_budget_s
+    summary.interrupted = finished < summary.num_trials and not budget_hit
+    return finished
+
+
 def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any], log) -> SweepSummary:
     from ray import tune
 
@@ -375,20 +431,8 @@ def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any
     label_payload = cfg.label.model_dump(mode="json") | {"dataset": _dataset_payload(cfg.label)}
     storage_payload = label_payload["dataset"]["storage"]
     if not storage.exists(cache.features_uri(out), opts):
-        layers = cache.attn_layers_needed(cfg.label, dims)
-        log(f"[wsss sweep] backbone features of the subset (once; attention for L in {layers}) ...")
-        task = ray.remote(features_task).options(num_cpus=cfg.tune.cpus_per_trial, num_gpus=gpus)
-        secs = ray.get(task.remote(label_payload, out, storage_payload, layers, gpus))
-        log(f"[wsss sweep] features cached in {secs:.1f}s")
-
-    parent = None
-    if cfg.tracking.enabled:
-        from wsss_platform import tracking
-
-        client, parent = _mlflow_parent(cfg, out, state, len(subset.ids), min(cfg.tune.num_trials, space_size(dims) or cfg.tune.num_trials))
-        summary.parent_run_id = parent
-        summary.parent_run_url = tracking.run_url(client.get_run(parent).info.experiment_id, parent)
-        log(f"[wsss sweep] MLflow run: {summary.parent_run_url}")
+        _cache_features(cfg, dims, out, label_payload, gpus, log)
+    client, parent = _open_parent(cfg, dims, out, state, len(subset.ids), summary, log) if cfg.tracking.enabled else (None, None)
     state |= {"parent_run_id": parent, "subset": subset.ids, "updated_at": time.time()}
     storage.write_text(state_uri, json.dumps(state, indent=2), opts)
 
@@ -410,31 +454,12 @@ def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any
         raise
 
     rows = _trial_rows(results, dims, len(subset.ids))
-    summary.complete = sum(r["status"] == "complete" for r in rows)
-    summary.stopped = sum(r["status"] == "stopped" for r in rows)
-    summary.errored = sum(r["status"] == "error" for r in rows)
-    finished = summary.complete + summary.stopped + summary.errored
-    summary.seconds = time.perf_counter() - t_start
-    budget_hit = cfg.tune.time_budget_s is not None and summary.seconds >= cfg.tune.time_budget_s
-    summary.interrupted = finished < summary.num_trials and not budget_hit
+    finished = _tally(cfg, rows, summary, t_start)
     files = {"trials.csv": _write_csv(rows, storage.join(out, "trials.csv"), opts)} if rows else {}
-    scored = [r for r in rows if r["status"] == "complete" and r["objective"] is not None and not math.isnan(r["objective"])]
-    if scored:
-        # Ties (common: mask.mu does not move miou) go to the earliest trial, so a rerun picks the same one.
-        scored.sort(key=lambda r: r["trial"])
-        best = (max if cfg.mode == "max" else min)(scored, key=lambda r: r["objective"])
-        summary.best_trial, summary.best_value = best["trial"], float(best["objective"])
-        summary.best_yaml = storage.join(out, "best.yaml")
-        summary.best_params = resolve_params(
-            {k[6:]: v for k, v in best.items() if k.startswith("param:") and v is not None}, cfg.label.mask.bg_rule)
-        header = (f"# Best trial {best['trial']} of the sweep in {out}: {cfg.objective} = {best['objective']:.4f} on "
-                  f"{best['images']} images of {cfg.label.dataset.uri}.\n"
-                  f"# Run it (from the folder the sweep ran in): wsss label --config {summary.best_yaml}\n")
-        text = header + yaml.safe_dump(best_label_data(cfg, summary.best_params), sort_keys=False)
-        storage.write_text(summary.best_yaml, text, opts)
-        files["best.yaml"] = text.encode()
-        if parent and (png := trial.preview({k[6:]: v for k, v in best.items() if k.startswith("param:") and v is not None},
-                                            ctx, cfg.label.tracking.preview_images)):
+    if best := _best(cfg, rows, out, summary):
+        files["best.yaml"] = storage.read_bytes(summary.best_yaml, opts)
+        params = {k[6:]: v for k, v in best.items() if k.startswith("param:") and v is not None}
+        if parent and (png := trial.preview(params, ctx, cfg.label.tracking.preview_images)):
             files["preview_best.png"] = png
     if not summary.interrupted:
         state["finished"] = dataclasses.asdict(summary)

@@ -151,16 +151,23 @@ def retrying(uri: str, fn: Callable[[], R], options: StorageOptions | None = Non
     raise AssertionError("unreachable")
 
 
+# Buckets seen to exist in this process: an absent object (an in-flight marker, an optional file)
+# is then reported without asking about its bucket again on every check.
+_BUCKETS_SEEN: set[str] = set()
+
+
 def _missing(uri: str, fs: fsspec.AbstractFileSystem) -> StorageError:
     """'not found', naming the bucket when it is the bucket that is missing."""
     if scheme(uri) in ("s3", "s3a"):
         bucket = uri.split("://", 1)[1].split("/", 1)[0]
-        try:
-            bucket_exists = fs.exists(bucket)
-        except Exception:
-            bucket_exists = True  # cannot tell: report the object
-        if not bucket_exists:
-            return StorageError(f"bucket {bucket!r} does not exist ({uri}); create it or fix the URI")
+        if bucket not in _BUCKETS_SEEN:
+            try:
+                bucket_exists = fs.exists(bucket)
+            except Exception:
+                bucket_exists = True  # cannot tell: report the object
+            if not bucket_exists:
+                return StorageError(f"bucket {bucket!r} does not exist ({uri}); create it or fix the URI")
+            _BUCKETS_SEEN.add(bucket)
     return StorageError(f"not found: {uri}")
 
 

@@ -49,15 +49,6 @@ def setup(experiment: str, workdir: str | Path | None = None) -> str:
     return exp_id
 
 
-def log_params_flat(params: dict[str, Any]) -> None:
-    """Log a flat dict of params, in chunks (MLflow caps a batch at 100)."""
-    import mlflow
-
-    items = [(k, "" if v is None else str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i:i + 100]))
-
-
 def count_runs() -> int:
     """Runs in the tracking store (0 for an empty one)."""
     from mlflow.tracking import MlflowClient

@@ -188,8 +188,8 @@ def claim_output(cfg: LabelConfig, log) -> None:
             old = _previous_settings(json.loads(storage.read_text(run_uri, opts)))
         except ValueError:
             old = {}
-        if fingerprint(old) != fingerprint(label_settings(cfg)):
-            refuse_changed(out, old, label_settings(cfg), "pseudo masks")
+        if fingerprint(old) != fingerprint(new := label_settings(cfg)):
+            refuse_changed(out, old, new, "pseudo masks")
     storage.remove(storage.join(out, outputs.INFLIGHT), opts)
     if removed := storage.sweep_temporaries(out):
         log(f"[wsss label] removed {removed} temporary file(s) a killed run left in {out}")
@@ -262,16 +262,16 @@ def run_label(cfg: LabelConfig, log=print) -> LabelSummary:
             f"{summary.skipped} already complete, {len(todo)} to do -> {out}")
         if not todo:
             return _nothing_to_do(cfg, ds, summary, log)
-        run_info = {"config": cfg.model_dump(mode="json"), "settings": label_settings(cfg),
-                    "fingerprint": fingerprint(label_settings(cfg)), "code": code_version(),
-                    "classes": ds.class_mapping(), "started_at": time.time(), "ray_address": cfg.ray_address}
-        storage.write_text(storage.join(out, "run.json"), json.dumps(run_info, indent=2), opts)
+        settings = label_settings(cfg)
+        run_info = {"config": cfg.model_dump(mode="json"), "settings": settings, "fingerprint": fingerprint(settings),
+                    "code": code_version(), "classes": ds.class_mapping(), "started_at": time.time(),
+                    "ray_address": cfg.ray_address}
         with job_run(cfg, ds, len(todo)) as run:
             if run is not None:
                 summary.run_id, summary.run_url = run.run_id, run.url
+                run_info["mlflow_run_url"] = run.url
                 log(f"[wsss label] MLflow run: {run.url}")
-                storage.write_text(storage.join(out, "run.json"),
-                                   json.dumps(run_info | {"mlflow_run_url": run.url}, indent=2), opts)
+            storage.write_text(storage.join(out, "run.json"), json.dumps(run_info, indent=2), opts)
             _label(cfg, ds, todo, summary, log, run)
             manifest = _write_manifest(cfg, ds, summary)
             _score(manifest, ds, summary)

@@ -93,12 +93,6 @@ def read_parts(output: str, options: StorageOptions | None = None) -> pa.Table:
     return table.take(pa.array(keep, type=pa.int64()))
 
 
-def clear_parts(output: str, options: StorageOptions | None = None) -> None:
-    fs, path = storage.filesystem(storage.join(output, PARTS), options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def write_table(uri: str, table: pa.Table, options: StorageOptions | None = None) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)

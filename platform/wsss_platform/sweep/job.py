@@ -349,8 +349,9 @@ def _tuner(cfg: SweepConfig, dims: list[Dim], trainable, out: str, parent: str |
                                   callbacks=callbacks, verbose=1 if verbose() else 0))
 
 
-def _best(cfg: SweepConfig, rows: list[dict[str, Any]], out: str, summary: SweepSummary) -> dict[str, Any] | None:
-    """The best scored trial's row, its config written to ``best.yaml``; None when none scored."""
+def _best(cfg: SweepConfig, rows: list[dict[str, Any]], out: str,
+          summary: SweepSummary) -> tuple[dict[str, Any], str] | None:
+    """The best scored trial's row and the ``best.yaml`` text written for it; None when none scored."""
     scored = [r for r in rows if r["status"] == "complete" and r["objective"] is not None and not math.isnan(r["objective"])]
     if not scored:
         return None
@@ -366,7 +367,7 @@ def _best(cfg: SweepConfig, rows: list[dict[str, Any]], out: str, summary: Sweep
               f"# Run it (from the folder the sweep ran in): wsss label --config {summary.best_yaml}\n")
     text = header + yaml.safe_dump(best_label_data(cfg, summary.best_params), sort_keys=False)
     storage.write_text(summary.best_yaml, text, cfg.label.dataset.storage)
-    return best
+    return best, text
 
 
 def _cache_features(cfg: SweepConfig, dims: list[Dim], out: str, label_payload: dict[str, Any], gpus: float,
@@ -456,8 +457,8 @@ def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any
     rows = _trial_rows(results, dims, len(subset.ids))
     finished = _tally(cfg, rows, summary, t_start)
     files = {"trials.csv": _write_csv(rows, storage.join(out, "trials.csv"), opts)} if rows else {}
-    if best := _best(cfg, rows, out, summary):
-        files["best.yaml"] = storage.read_bytes(summary.best_yaml, opts)
+    if found := _best(cfg, rows, out, summary):
+        best, files["best.yaml"] = found[0], found[1].encode()
         params = {k[6:]: v for k, v in best.items() if k.startswith("param:") and v is not None}
         if parent and (png := trial.preview(params, ctx, cfg.label.tracking.preview_images)):
             files["preview_best.png"] = png

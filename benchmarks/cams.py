@@ -22,10 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_clip_es import reference_clip_es
 
+from wsss_core.cams import ClipES
 from wsss_core.classes import VOC
-from wsss_core.clip_es import CAAParams, ClipES
 from wsss_core.models.clip import ClipViT, create_clip
+from wsss_core.pipeline import LabelingPipeline, PseudoMasker
 from wsss_core.prompts import build_prompts
+from wsss_core.refine import CAA
 
 
 def sync(device: torch.device) -> None:
@@ -34,7 +36,7 @@ def sync(device: torch.device) -> None:
 
 
 def bench_reference(vit, es, images, labels, dtype, device) -> float:
-    fg, bg = es.text_features()
+    fg, bg = es.source.text_features()
     reference_clip_es(vit, fg, bg, images[0], labels[0], dtype)  # warm-up
     sync(device)
     t0 = time.perf_counter()
@@ -45,7 +47,7 @@ def bench_reference(vit, es, images, labels, dtype, device) -> float:
 
 
 def bench_ours(es, images, labels, device, repeats: int = 1) -> tuple[float, float]:
-    es(images[: es.batch_size], labels[: es.batch_size])  # warm-up (and cudnn/cublas autotune)
+    es(images[: es.source.batch_size], labels[: es.source.batch_size])  # warm-up (and cudnn/cublas autotune)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -63,7 +65,8 @@ def run(model_name: str, device: torch.device, n_ref: int, n_ours: int, batch: i
     vit = ClipViT(model, tok).to(device)
     gpu = device.type == "cuda"
     ref_dtype, our_dtype = (torch.float16, "bf16") if gpu else (None, "fp32")
-    es = ClipES(vit, build_prompts(VOC), CAAParams(), precision=our_dtype, batch_size=batch)
+    # CLIP-ES CAMs + CAA + masks, no CRF: the GPU part of a labeling actor
+    es = LabelingPipeline(ClipES(vit, build_prompts(VOC), precision=our_dtype, batch_size=batch), PseudoMasker([CAA()]))
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(max(n_ref, n_ours))]
     labels = [sorted(rng.choice(np.arange(1, 21), 2, replace=False).tolist()) for _ in images]

@@ -21,9 +21,11 @@ import time
 
 import torch
 
-from wsss_core.clip_es import CAAParams, ClipES, MaskParams
+from wsss_core.cams import ClipES
 from wsss_core.models.clip import ClipViT, create_clip
+from wsss_core.pipeline import LabelingPipeline, PseudoMasker
 from wsss_core.prompts import build_prompts
+from wsss_core.refine import CAA
 from wsss_platform.config import build_config
 from wsss_platform.datasets import DatasetConfig, open_dataset
 from wsss_platform.datasets.base import encode_mask_png
@@ -37,14 +39,13 @@ def plain_loop(data: str, out: str, model: str, batch: int, threads: int) -> flo
     torch.set_num_threads(threads)
     ds = open_dataset(DatasetConfig(uri=data))
     m, tok = create_clip(model, "none")
-    es = ClipES(ClipViT(m, tok), build_prompts(ds.classes), CAAParams(), MaskParams(), batch_size=batch)
+    es = LabelingPipeline(ClipES(ClipViT(m, tok), build_prompts(ds.classes), batch_size=batch), PseudoMasker([CAA()]))
     t0 = time.perf_counter()
     for i in range(0, len(ds.ids), batch):
         rows = [ds.load(x) for x in ds.ids[i:i + batch]]
         for row, r in zip(rows, es([r.image for r in rows], [r.labels for r in rows]), strict=True):
             with open(f"{out}/{row.image_id}.npz", "wb") as f:
-                f.write(outputs.encode_cams(r.cams.numpy(), r.attn.numpy(), r.labels, row.image.shape[:2],
-                                            r.class_scores.numpy()))
+                f.write(outputs.encode_cams(r.cams.numpy(), r.labels, row.image.shape[:2], r.class_scores.numpy()))
             with open(f"{out}/{row.image_id}.png", "wb") as f:
                 f.write(encode_mask_png(r.mask_conf.numpy()))
     return len(ds.ids) / (time.perf_counter() - t0)
@@ -52,7 +53,7 @@ def plain_loop(data: str, out: str, model: str, batch: int, threads: int) -> flo
 
 def ray_job(data: str, out: str, model: str, batch: int, threads: int) -> float:
     cfg = build_config(LabelConfig, {}, [f"dataset.uri={data}", f"output={out}", f"model.name={model}",
-                                         "model.pretrained=none", "mask.crf=false", f"compute.batch_size={batch}",
+                                         "model.pretrained=none", "refine=[caa]", f"compute.batch_size={batch}",
                                          f"compute.torch_threads={threads}", f"compute.cpus_per_actor={threads}",
                                          "tracking.enabled=false"])
     run_label(cfg)  # warm: starts Ray, loads the model in the actors

@@ -1,7 +1,8 @@
-"""CLIP-ES pseudo-mask quality on ../shared/benchmarks/synthshapes/dev, side by side with the
-reference figures of its README (per-class-backward implementation, CPU, float32).
+"""Pseudo-mask quality on ../shared/benchmarks/synthshapes/dev: CLIP-ES (Softmax-GradCAM) side by side
+with the reference figures of its README (per-class-backward implementation, CPU, float32), raw and
+with CAA.
 
-    python benchmarks/quality.py [--crf] [--limit N]
+    python benchmarks/quality.py [--limit N] [--attn-layers L]
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ from pathlib import Path
 import torch
 
 from wsss_core.classes import ClassSet
-from wsss_core.clip_es import CAAParams, ClipES, MaskParams
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.models.clip import ClipViT, create_clip
+from wsss_core.pipeline import LabelingPipeline, PseudoMasker
 from wsss_core.prompts import build_prompts
+from wsss_core.registry import create_cam_source, create_refiner
 
 SYNTH = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks" / "synthshapes"
 BACKGROUND = ("background", "texture", "stripes", "noise", "line", "ground", "wall")
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 REFERENCE = {
     "Softmax-GradCAM": (0.491, 0.523, 0.526, 0.480, 0.394),
-    "+ CAA": (0.477, 0.516, 0.552, 0.567, 0.542),
+    "Softmax-GradCAM + CAA": (0.477, 0.516, 0.552, 0.567, 0.542),
 }
+SOURCES = {"clip_es": "Softmax-GradCAM"}
 
 
 def load_synthshapes(root: Path, limit: int | None = None):
@@ -46,19 +49,24 @@ def load_synthshapes(root: Path, limit: int | None = None):
     return names, ids, images, labels, masks
 
 
-def clip_es_for_synthshapes(caa: CAAParams, masks: MaskParams, names: list[str], device: str = "cpu") -> ClipES:
+def pipeline_for_synthshapes(names: list[str], source: str = "clip_es", refine: tuple[str, ...] = ("caa",),
+                             attn_layers: int = 6, device: str = "cpu", **mask) -> LabelingPipeline:
+    """``source`` × ``refine`` on the yardstick's tiny CLIP with its README's prompts."""
     model, tok = create_clip(str(SYNTH / "model" / "tinyclip.json"), str(SYNTH / "model" / "tinyclip.safetensors"))
     vit = ClipViT(model, tok).to(device)
     prompts = build_prompts(ClassSet(tuple(names)), "a clean origami {}.", background=BACKGROUND)
-    return ClipES(vit, prompts, caa, masks, batch_size=32)
+    kwargs = {"caa": {"attn_layers": attn_layers}}
+    refiners = [create_refiner(name, **kwargs.get(name, {})) for name in refine]
+    return LabelingPipeline(create_cam_source(source, clip=vit, prompts=prompts, batch_size=32),
+                            PseudoMasker(refiners, **mask))
 
 
-def evaluate(results, gts, num_classes: int, thresholds=THRESHOLDS) -> dict[str, list[float]]:
-    """mIoU of raw and refined masks at each constant background threshold."""
+def evaluate(results, gts, num_classes: int, thresholds=THRESHOLDS, name: str = "Softmax-GradCAM") -> dict[str, list[float]]:
+    """mIoU of raw and CAA-refined masks at each constant background threshold."""
     from wsss_core.masks import cams_to_mask
 
     table = {}
-    for key, attr in (("Softmax-GradCAM", "cams"), ("+ CAA", "refined")):
+    for key, attr in ((name, "cams"), (f"{name} + CAA", "refined")):
         row = []
         for tau in thresholds:
             cm = ConfusionMatrix(num_classes + 1)
@@ -80,19 +88,22 @@ def main() -> int:
         print(f"synthshapes not found at {SYNTH}", file=sys.stderr)
         return 1
     names, _, images, labels, gts = load_synthshapes(SYNTH / "dev", args.limit)
-    es = clip_es_for_synthshapes(CAAParams(attn_layers=args.attn_layers), MaskParams(), names)
-    t0 = time.perf_counter()
-    results = es(images, labels)
-    dt = time.perf_counter() - t0
-    table = evaluate(results, gts, len(names))
-    print(f"synthshapes dev: {len(images)} images, CLIP-ES batched ({dt:.1f}s, {len(images) / dt:.1f} img/s on CPU)")
+    table, times = {}, {}
+    for source, name in SOURCES.items():
+        pipe = pipeline_for_synthshapes(names, source, attn_layers=args.attn_layers)
+        t0 = time.perf_counter()
+        results = pipe(images, labels)
+        times[name] = time.perf_counter() - t0
+        table |= evaluate(results, gts, len(names), name=name)
+    print(f"synthshapes dev: {len(images)} images, batched, CAA over {args.attn_layers} blocks ("
+          + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + " on CPU)")
     print(f"| masks from | {' | '.join(f'bg {t}' for t in THRESHOLDS)} |")
     print(f"|---|{'---|' * len(THRESHOLDS)}")
     for key, row in table.items():
-        ref = REFERENCE[key]
-        cells = " | ".join(f"{v:.3f} (ref {r:.3f})" for v, r in zip(row, ref, strict=True))
+        ref = REFERENCE.get(key)
+        cells = " | ".join(f"{v:.3f}" + (f" (ref {ref[i]:.3f})" if ref else "") for i, v in enumerate(row))
         print(f"| {key} | {cells} |")
-    worst = max(abs(v - r) for key, row in table.items() for v, r in zip(row, REFERENCE[key], strict=True))
+    worst = max(abs(v - r) for key, ref in REFERENCE.items() for v, r in zip(table[key], ref, strict=True))
     print(f"largest |ours - reference|: {worst:.4f} (tolerance 0.01)")
     return 0
 

@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 
 from wsss_platform.config import build_config
+from wsss_platform.label import stages
+from wsss_platform.label.stages import build_cam_source, build_masker, class_set
 from wsss_platform.storage import StorageOptions
 from wsss_platform.sweep import cache
 from wsss_platform.sweep.config import SweepConfig
-from wsss_platform.sweep.job import write_subset
+from wsss_platform.sweep.objective import write_subset
 from wsss_platform.sweep.trial import Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +40,12 @@ def label_section(workdir: Path) -> dict:
         return {"dataset": {"uri": str(SYNTH / "dev")}, "model": {"name": str(SYNTH / "model" / "tinyclip.json"),
                 "pretrained": str(SYNTH / "model" / "tinyclip.safetensors")},
                 "text": {"background": ["background", "texture", "stripes", "noise", "line", "ground", "wall"]},
-                "caa": {"attn_layers": 6}, "mask": {"crf": False}, "compute": {"batch_size": 32}}
+                "caa": {"attn_layers": 6}, "refine": ["caa"], "compute": {"batch_size": 32}}
     from wsss_platform.datasets.demo import write_demo_dataset
 
     write_demo_dataset(str(workdir / "demo"), "voc", 80, seed=0)
     return {"dataset": {"uri": str(workdir / "demo")}, "model": {"name": "tiny", "pretrained": "none"},
-            "mask": {"crf": False}, "compute": {"batch_size": 32}}
+            "refine": ["caa"], "compute": {"batch_size": 32}}
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -72,37 +74,38 @@ def main() -> int:
                                          "search_space": {"caa.t": {"low": 1, "high": 3}}, "output": out})
         label = cfg.label
         subset = write_subset(cfg, out, print)
-        layers = [label.caa.attn_layers]
+        aux = sorted(build_masker(label).aux_keys)
+        bs, n = label.compute.batch_size, len(subset.ids)
+
+        def source():
+            return build_cam_source(label, class_set(subset.class_names, label), device)
+
+        def score(feats, cams, sub=subset):
+            s = Scorer(label, sub, cache.outputs_from(sub, cams, feats, aux), device)
+            s.add(n)
+            return s.metrics()["miou"]
 
         def full():
-            es = cache.clip_es(label, subset.class_names, device)
-            feats = cache.compute_features(es, subset, layers, label.compute.batch_size)
-            cams = cache.compute_cams(es, subset, feats, label.compute.batch_size)
-            s = Scorer(label, subset, feats, cams, device)
-            s.add(len(subset.ids))
-            return feats, cams, s.metrics()["miou"]
+            stages._clip.cache_clear()  # a full trial loads the model
+            src = source()
+            feats = cache.compute_features(src, subset, aux, bs)
+            cams = cache.compute_cams(src, subset, feats, aux, bs)
+            return feats, cams, score(feats, cams)
 
         t_full, (feats, cams, miou) = timed(full, args.repeats)
-        es = cache.clip_es(label, subset.class_names, device)
 
-        def prompt_trial():
-            fresh = cache.clip_es(label, subset.class_names, device, es.model)  # new prompts: text features again
-            c = cache.compute_cams(fresh, subset, feats, label.compute.batch_size)
-            s = Scorer(label, subset, feats, c, device)
-            s.add(len(subset.ids))
+        def prompt_trial():  # the model stays loaded in a reused trial actor; new prompts: text features again
+            score(feats, cache.compute_cams(source(), subset, feats, aux, bs))
 
         def refine_trial():
-            s = Scorer(label, subset, feats, cams, device)
-            s.add(len(subset.ids))
+            score(feats, cams)
 
-        cache.save_features(feats, cache.features_uri(out), opts)
-        cache.save_cams(cams, cache.cams_uri(out, "bench"), opts)
+        cache.save(feats, cache.features_uri(out, label), opts)
+        cache.save(cams, cache.cams_uri(out, label), opts)
 
         def refine_from_storage():
-            f = cache.load_features(cache.features_uri(out), opts)
-            c = cache.load_cams(cache.cams_uri(out, "bench"), opts)
-            s = Scorer(label, cache.load_subset(cache.subset_uri(out), opts), f, c, device)
-            s.add(len(subset.ids))
+            score(cache.load(cache.features_uri(out, label), opts), cache.load(cache.cams_uri(out, label), opts),
+                  cache.load_subset(cache.subset_uri(out), opts))
 
         t_prompt, _ = timed(prompt_trial, args.repeats)
         t_refine, _ = timed(refine_trial, args.repeats)

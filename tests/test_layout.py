@@ -39,3 +39,32 @@ def test_core_imports_no_platform_dependencies():
 def test_console_script_installed():
     out = subprocess.run([str(Path(sys.executable).parent / "wsss"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo-data" in out.stdout
+
+
+def test_no_platform_function_over_60_lines():
+    """The platform is thin glue: every function fits on a screen."""
+    import ast
+
+    long = []
+    for path in sorted((REPO / "platform" / "wsss_platform").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+
+
+def test_platform_names_no_method_in_an_if():
+    """Methods meet through registries: no `if ... == "clip_es"` (or any registered name) in the platform."""
+    import ast
+
+    from wsss_core.registry import CAM_SOURCES, REFINERS
+
+    names = set(CAM_SOURCES.names()) | set(REFINERS.names())
+    hits = []
+    for path in sorted((REPO / "platform" / "wsss_platform").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                consts = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant)]
+                if any(c in names for c in consts if isinstance(c, str)):
+                    hits.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not hits, hits

@@ -263,7 +263,7 @@ ABOUT = {
     "label": ("CAMs, refined CAMs and pseudo masks for a dataset split with Ray Data, written to --output;\n"
               "one MLflow run per job. Every config key can be overridden as key.sub=value (see jobs/configs/).",
               ["wsss label --config jobs/configs/voc.yaml --dataset s3://bucket/VOC2012 --output s3://bucket/clip-es-voc",
-               "wsss label --dataset demo-data/voc --output out model.name=tiny model.pretrained=none mask.crf=false"]),
+               "wsss label --dataset demo-data/voc --output out model.name=tiny model.pretrained=none 'refine=[caa]'"]),
     "sweep": ("Search prompt and refinement settings with Ray Tune + Optuna; the best labeling config goes to\n"
               "<output>/best.yaml. Labeling keys are under label. (label.caa.t=3).",
               ["wsss sweep --config jobs/configs/synthshapes-sweep.yaml",

@@ -133,15 +133,15 @@ def format_validation_error(err: ValidationError, source: str, cls: type[BaseMod
     lines = [f"invalid config ({source}):"]
     # include_input=False: pydantic's own message may quote the input; ours masks it first.
     for e in err.errors(include_url=False):
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         secret = any(str(p) in SECRET_FIELDS for p in e["loc"])
         if e["type"] == "extra_forbidden":
             msg = "unknown key" + (suggest(cls, tuple(e["loc"])) or " (check the spelling; see the example configs in jobs/configs/)")
-        elif "input" in e and e["type"] not in ("missing",):
+        elif "input" in e and e["type"] not in ("missing",) and key:  # a whole-config check names its keys itself
             shown = MASK if secret else mask_secrets(e["input"])
             msg = f"{msg} (got {shown!r})" if shown != MASK else f"{msg} (got {MASK})"
-        lines.append(f"  {key}: {msg}")
+        lines.append(f"  {key}: {msg}" if key else f"  {msg}")
     return "\n".join(lines)
 
 

@@ -50,7 +50,7 @@ def run_demo(workdir: str = ".", num_images: int = 40, offline: bool = False) ->
         print(f"[demo] {why}: running the "
               "RANDOM tiny CLIP instead, so the mechanics show but the masks and mIoU are meaningless")
     out = str(root / "demo-output")
-    cfg = build_config(LabelConfig, {}, [f"dataset.uri={data_uri}", f"output={out}", *model, "mask.crf=false",
+    cfg = build_config(LabelConfig, {}, [f"dataset.uri={data_uri}", f"output={out}", *model, "refine=[caa]",
                                          "compute.batch_size=8", "tracking.experiment=wsss-demo", "overwrite=true"])
     tracking.setup("wsss-demo", root)
     summary = run_label(cfg)

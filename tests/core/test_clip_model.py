@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from wsss_core.models.clip import TINY_CONFIG, ClipViT, create_clip
+from wsss_core.models.clip import ClipViT, create_clip
+from wsss_core.models.weights import model_config
 
 
 def test_tiny_is_deterministic_and_config_json_with_weights_file(tmp_path):
@@ -15,7 +16,7 @@ def test_tiny_is_deterministic_and_config_json_with_weights_file(tmp_path):
     b, _ = create_clip("tiny", None)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     cfg = tmp_path / "custom.json"
-    cfg.write_text(json.dumps(TINY_CONFIG))
+    cfg.write_text(json.dumps(model_config("tiny")))
     sd = {k: v + 1 for k, v in a.state_dict().items()}
     weights = save(sd)
     (tmp_path / "w.safetensors").write_bytes(weights)

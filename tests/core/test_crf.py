@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from wsss_core.clip_es import CAAParams, MaskParams, refine_from_cache
+from wsss_core.pipeline import PseudoMasker
+from wsss_core.refine import CAA, DenseCRF
 from wsss_core.refine import crf as crf_module
+from wsss_core.types import CamOutput
 
 
 def test_dense_crf_posteriors():
@@ -26,8 +28,9 @@ def test_dense_crf_posteriors():
 def test_crf_in_refinement_gives_masks():
     pytest.importorskip("pydensecrf.densecrf")
     cams = torch.rand(2, 3, 4)
-    res = refine_from_cache(cams, torch.rand(12, 12), [4, 9], (24, 32), CAAParams(), MaskParams(crf=True, mu=0.5),
-                            image=np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    masker = PseudoMasker([CAA(), DenseCRF()], mu=0.5)
+    res = masker([CamOutput([4, 9], cams, torch.rand(2), {"attn/8": torch.rand(12, 12)})], [(24, 32)],
+                 [np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)])[0]
     assert res.mask.shape == (24, 32) and set(res.mask.unique().tolist()) <= {0, 4, 9}
     assert res.scores.shape == (2, 24, 32)
 

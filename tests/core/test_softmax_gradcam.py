@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from wsss_core.cams import ClipES
 from wsss_core.classes import VOC
-from wsss_core.clip_es import CAAParams, ClipES
 from wsss_core.models.clip import ClipViT, create_clip
+from wsss_core.pipeline import LabelingPipeline, PseudoMasker
 from wsss_core.prompts import build_prompts
+from wsss_core.refine import CAA
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from reference_clip_es import reference_cams
@@ -25,7 +27,7 @@ from reference_clip_es import reference_cams
 def tiny():
     model, tok = create_clip("tiny", "none")
     vit = ClipViT(model, tok)
-    return vit, ClipES(vit, build_prompts(VOC), CAAParams(attn_layers=2), batch_size=8)
+    return vit, LabelingPipeline(ClipES(vit, build_prompts(VOC), batch_size=8), PseudoMasker([CAA(attn_layers=2)]))
 
 
 def test_batched_equals_per_class_loop(tiny):
@@ -36,7 +38,7 @@ def test_batched_equals_per_class_loop(tiny):
              [rng.integers(0, 256, (100, 150, 3), dtype=np.uint8) for _ in range(2)]
     labels = [[3, 8, 15], [1], [2, 20], [5, 9]]
     results = es(images, labels)
-    fg, bg = es.text_features()
+    fg, bg = es.source.text_features()
     for img, ls, r in zip(images, labels, results, strict=True):
         ref, ref_scores, _ = reference_cams(vit, fg, bg, img, ls)
         assert r.cams.shape == ref.shape
@@ -52,9 +54,9 @@ def test_other_classes_compete(tiny):
     alone = es([img], [[3]])[0].cams[0]
     together = es([img], [[3, 8]])[0].cams[0]
     assert (alone - together).abs().max() > 1e-3
-    fg, bg = es.text_features()
+    fg, bg = es.source.text_features()
     torch.testing.assert_close(together, reference_cams(vit, fg, bg, img, [3, 8])[0][0], atol=1e-4, rtol=0)
-    no_bg = ClipES(vit, build_prompts(VOC, use_background=False), CAAParams(attn_layers=2))
+    no_bg = LabelingPipeline(ClipES(vit, build_prompts(VOC, use_background=False)), es.masker)
     assert (no_bg([img], [[3, 8]])[0].cams[0] - together).abs().max() > 1e-3
 
 
@@ -64,10 +66,10 @@ def test_batch_size_and_order_do_not_matter(tiny):
     images = [rng.integers(0, 256, (64 + 16 * (i % 2), 96, 3), dtype=np.uint8) for i in range(5)]
     labels = [[1, 2], [3], [], [4, 5, 6], [7]]
     a = es(images, labels)
-    b = ClipES(vit, es.prompts, es.caa, batch_size=2)(images[::-1], labels[::-1])[::-1]
+    b = LabelingPipeline(ClipES(vit, es.source.prompts, batch_size=2), es.masker)(images[::-1], labels[::-1])[::-1]
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x.cams, y.cams, atol=1e-5, rtol=0)
-        torch.testing.assert_close(x.attn, y.attn, atol=1e-6, rtol=0)
+        torch.testing.assert_close(x.aux["attn/2"], y.aux["attn/2"], atol=1e-6, rtol=0)
         assert torch.equal(x.mask, y.mask)
     assert a[2].mask.sum() == 0 and a[2].cams.shape[0] == 0
 
@@ -98,13 +100,14 @@ def test_features_for_several_layer_counts_match_one_at_a_time(tiny):
         x_one, a_one, _ = vit.forward_features(pixels, attn_layers=n)
         torch.testing.assert_close(attn[min(n, vit.depth)], a_one, atol=1e-6, rtol=0)
         torch.testing.assert_close(x_multi, x_one, atol=1e-6, rtol=0)
-    # CAMs from cached features equal the one-call backbone
+    # CAMs from cached features equal the one-call source
     images = torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8)
     labels = [[1, 3], [2]]
-    cams, attn_b, scores = es.backbone(images, labels)
-    x_last, attn_f, grid = es.features(images, [es.caa.attn_layers, 1])
-    cams_f, scores_f = es.cams_from_features(x_last, grid, labels)
-    for a, b in zip(cams, cams_f, strict=True):
-        torch.testing.assert_close(a, b)
-    torch.testing.assert_close(attn_f[min(es.caa.attn_layers, vit.depth)], attn_b, atol=1e-6, rtol=0)
-    torch.testing.assert_close(torch.cat(scores), torch.cat(scores_f))
+    src = es.source
+    whole = src(list(images.numpy()), labels, aux=["attn/2"])
+    feats = src.features(images, ["attn/2", "attn/1"])
+    staged = src.cams_from_features(feats, labels)
+    for a, b in zip(whole, staged, strict=True):
+        torch.testing.assert_close(a.cams, b.cams)
+        torch.testing.assert_close(a.scores, b.scores)
+        torch.testing.assert_close(a.aux["attn/2"], b.aux["attn/2"], atol=1e-6, rtol=0)

@@ -65,3 +65,56 @@ def test_example_configs_load(name, monkeypatch):
         assert dims and cfg.label.cam_source == "clip_es"
     else:
         assert load_config(LabelConfig, path).model.name
+
+
+def test_label_sections_default_to_the_core_defaults():
+    """A refiner's section and the mask section are its factory's keyword arguments: same names, same defaults."""
+    import inspect
+
+    from wsss_core.pipeline import PseudoMasker
+    from wsss_core.registry import REFINERS
+    from wsss_platform.label.config import LabelConfig
+
+    cfg = LabelConfig()
+    pairs = [(cfg.mask, PseudoMasker)] + [(getattr(cfg, name), REFINERS.get(name)) for name in cfg.refine]
+    for section, factory in pairs:
+        params = {k: p.default for k, p in inspect.signature(factory).parameters.items() if k not in ("refiners",)}
+        assert section.model_dump() == params, factory
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("mask.crf=false", "mask.crf: replaced by the refine list: refine: [caa, crf] (CAA, then the dense CRF) or [caa]"),
+    ("caa.enabled=false", "caa.enabled: replaced by the refine list"),
+    ("mask.crf_iterations=5", "mask.crf_iterations: moved to crf.iterations"),
+    ("refine=caa", "refine: a list of refiner names now, e.g. refine: [caa, crf] or [caa]"),
+    ("refine=[crf, caa]", "cam_source=clip_es with refine=['crf', 'caa']: refiner 'caa' works on CAMs and must come before 'crf'"),
+    ("cam_source=toco", "cam_source: unknown CAM source 'toco'; known: clip_es"),
+    ("refine=[caa, par]", "refine: unknown refiner(s) ['par']; known: caa, crf"),
+])
+def test_old_and_impossible_label_configs_fail_naming_the_key(override, needle):
+    from wsss_platform.label.config import LabelConfig
+
+    with pytest.raises(ConfigError) as e:
+        build_config(LabelConfig, {}, [override])
+    assert needle in str(e.value)
+    assert build_config(LabelConfig, {}, ["refine=[]"]).refine == []
+
+
+def test_a_refiner_the_source_cannot_feed_fails_at_validation():
+    """Naming both: a CAM source without attention and CAA."""
+    from typing import ClassVar
+
+    from wsss_core.registry import CAM_SOURCES
+    from wsss_platform.label.config import LabelConfig
+
+    class NoAttention:
+        provides: ClassVar[frozenset[str]] = frozenset()
+
+    CAM_SOURCES.register("test_no_attention")(NoAttention)
+    try:
+        with pytest.raises(ConfigError) as e:
+            build_config(LabelConfig, {}, ["cam_source=test_no_attention", "refine=[caa, crf]"])
+        assert "refiner 'caa' needs attn from the CAM source, and CAM source 'test_no_attention' does not provide it" in str(e.value)
+        assert build_config(LabelConfig, {}, ["cam_source=test_no_attention", "refine=[crf]"]).refine == ["crf"]
+    finally:
+        del CAM_SOURCES._items["test_no_attention"]

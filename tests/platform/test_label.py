@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from wsss_core.clip_es import refine_from_cache
 from wsss_core.metrics import ConfusionMatrix
+from wsss_core.types import CamOutput
 from wsss_platform import storage
 from wsss_platform.config import build_config
 from wsss_platform.datasets import DatasetConfig, open_dataset
@@ -18,9 +18,9 @@ from wsss_platform.datasets.demo import write_demo_dataset
 from wsss_platform.label import outputs
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.job import main_exit_code, run_label
-from wsss_platform.label.stages import caa_params, mask_params
+from wsss_platform.label.stages import build_masker
 
-TINY = ["model.name=tiny", "model.pretrained=none", "mask.crf=false", "compute.batch_size=4", "compute.loader_batch_size=4"]
+TINY = ["model.name=tiny", "model.pretrained=none", "refine=[caa]", "compute.batch_size=4", "compute.loader_batch_size=4"]
 
 
 def label_config(data: str, out: str, layout: str = "voc", extra: tuple[str, ...] = ()) -> LabelConfig:
@@ -44,16 +44,25 @@ def check_outputs(cfg: LabelConfig, summary) -> None:
             assert im.mode == "P" and im.size == (row.image.shape[1], row.image.shape[0])
             written = np.asarray(im)
         assert set(np.unique(written)) <= {0, 255, *row.labels}
+        if cfg.cache == "none":
+            assert not storage.exists(outputs.cams_uri(cfg.output, image_id))
+            continue
         cache = outputs.decode_cams(storage.read_bytes(outputs.cams_uri(cfg.output, image_id)))
         assert cache["cams"].dtype == np.float16 and list(cache["labels"]) == row.labels
+        aux = outputs.aux_of(cache)
+        if cfg.cache == "cams":  # lean: no attention
+            assert not aux
+            continue
         n = cache["cams"].shape[1] * cache["cams"].shape[2]
-        assert cache["attn"].shape == (n, n)
+        assert aux[f"attn/{cfg.caa.attn_layers}"].shape == (n, n)
         # The reported scores equal an independent re-scoring from the cached CAMs.
-        res = refine_from_cache(torch.from_numpy(cache["cams"].astype(np.float32)),
-                                torch.from_numpy(cache["attn"].astype(np.float32)), row.labels,
-                                tuple(cache["size"]), caa_params(cfg), mask_params(cfg))
+        out = CamOutput(row.labels, torch.from_numpy(cache["cams"].astype(np.float32)), torch.from_numpy(cache["class_scores"]),
+                        {k: torch.from_numpy(v.astype(np.float32)) for k, v in aux.items()})
+        res = build_masker(cfg)([out], [tuple(cache["size"])], [row.image])[0]
         cm_raw.update(res.mask_raw, row.mask)
         cm.update(res.mask, row.mask)
+    if cfg.cache != "full":
+        return
     assert summary.miou_raw == pytest.approx(cm_raw.miou(), abs=0.01)
     assert summary.miou == pytest.approx(cm.miou(), abs=0.01)
 
@@ -63,7 +72,7 @@ def test_label_voc_local_with_mlflow_server(tmp_path, ray_local, mlflow_server, 
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     write_demo_dataset(str(tmp_path / "voc"), "voc", 10, seed=11)
-    cfg = label_config(str(tmp_path / "voc"), str(tmp_path / "out"))
+    cfg = label_config(str(tmp_path / "voc"), str(tmp_path / "out"), extra=("cache=full",))
     summary = run_label(cfg)
     check_outputs(cfg, summary)
     run_json = json.loads((tmp_path / "out" / "run.json").read_text())
@@ -93,7 +102,7 @@ def test_label_coco_local(tmp_path, ray_local, monkeypatch):
     write_demo_dataset(str(tmp_path / "coco"), "coco", 10, seed=12)
     # separate loader actors (the GPU default; CPU-only clusters load inside the labelers)
     cfg = label_config(str(tmp_path / "coco"), str(tmp_path / "out"), "coco",
-                       ("tracking.enabled=false", "compute.loader_actors=2"))
+                       ("tracking.enabled=false", "compute.loader_actors=2", "cache=none"))
     summary = run_label(cfg)
     check_outputs(cfg, summary)
     mapping = json.loads((tmp_path / "out" / "run.json").read_text())["classes"]["category_id_to_label"]

@@ -21,7 +21,7 @@ from wsss_platform.config import build_config, load_config
 from wsss_platform.datasets import open_dataset
 from wsss_platform.datasets.demo import write_demo_dataset
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.stages import build_cam_source, class_set, device_for
+from wsss_platform.label.stages import build_pipeline, class_set, device_for
 from wsss_platform.sweep import cache
 from wsss_platform.sweep.config import (
     SweepConfig,
@@ -29,18 +29,19 @@ from wsss_platform.sweep.config import (
     load_sweep_config,
     parse_search_space,
 )
-from wsss_platform.sweep.job import features_task, run_sweep, write_subset
+from wsss_platform.sweep.job import run_sweep
+from wsss_platform.sweep.objective import features_task, write_subset
 from wsss_platform.sweep.trial import TrialContext, evaluate
 
 BIN = Path(sys.executable).parent
-TINY_LABEL = {"model": {"name": "tiny", "pretrained": "none"}, "mask": {"crf": False},
+TINY_LABEL = {"model": {"name": "tiny", "pretrained": "none"}, "refine": ["caa"],
               "compute": {"batch_size": 4, "loader_batch_size": 4}}
 
 
 def direct_miou(label: LabelConfig, subset: cache.Subset) -> tuple[float, float]:
     """The labeling path (ClipES end to end on the images) scored on the subset."""
     ds_names = subset.class_names
-    es = build_cam_source(label, class_set(ds_names, label), device_for(0))
+    es = build_pipeline(label, class_set(ds_names, label), device_for(0))
     results = es([im.numpy() for im in subset.images], subset.labels)
     cm_raw, cm = ConfusionMatrix(len(ds_names) + 1), ConfusionMatrix(len(ds_names) + 1)
     for r, gt in zip(results, subset.masks, strict=True):
@@ -62,11 +63,13 @@ def test_cached_trials_equal_the_labeling_path(tmp_path):
     subset = write_subset(cfg, out, print)
     assert len(subset.ids) == 6 and all(m is not None for m in subset.masks)
     payload = cfg.label.model_dump(mode="json")
-    features_task(payload, out, payload["dataset"]["storage"], cache.attn_layers_needed(cfg.label, dims), 0.0)
-    features = cache.load_features(cache.features_uri(out), cfg.label.dataset.storage)
-    assert sorted(features.attn) == [2, 3, 4]
+    aux = cache.aux_needed(cfg.label, dims)
+    assert aux == ["attn/2", "attn/3", "attn/4"]
+    features_task(payload, out, payload["dataset"]["storage"], aux, 0.0)
+    features = cache.load(cache.features_uri(out, cfg.label), cfg.label.dataset.storage)
+    assert len(features) == 6 and sorted(k for k in features[0] if "/" in k) == aux
 
-    ctx = TrialContext(out, payload, payload["dataset"]["storage"], "miou", report_chunks=3, gpus=0.0)
+    ctx = TrialContext(out, payload, payload["dataset"]["storage"], "miou", report_chunks=3, gpus=0.0, aux=tuple(aux))
     trials = [
         {"caa.attn_layers": 2, "text.template": "a photo of a {}.", "mask.bg_rule": "power", "mask.bg_value:power": 1.5},
         {"caa.attn_layers": 4, "text.template": "a photo of a {}.", "mask.bg_rule": "threshold",
@@ -88,15 +91,16 @@ def test_cached_trials_equal_the_labeling_path(tmp_path):
     assert len(list((tmp_path / "sweep" / "cache").glob("cams-*.pt"))) == 2  # one per distinct prompt setting
 
     # sharpness: a label-free objective of the prompt setting alone, reported once
-    sharp_ctx = TrialContext(out, payload, payload["dataset"]["storage"], "sharpness", report_chunks=3, gpus=0.0)
+    sharp_ctx = TrialContext(out, payload, payload["dataset"]["storage"], "sharpness", report_chunks=3, gpus=0.0,
+                             aux=tuple(aux))
     reports = []
     final = evaluate(trials[2], sharp_ctx, reports.append)
     assert len(reports) == 1 and final["objective"] == final["sharpness"] and final["complete"] == 1
     from wsss_core.prompts import sharpness
 
-    cams = cache.load_cams(cache.cams_uri(out, cache.prompt_key(build_config(LabelConfig, apply_params(payload, trials[2])))),
-                           cfg.label.dataset.storage)
-    assert final["sharpness"] == pytest.approx(sharpness([s for s in cams.scores if s.numel()]))
+    cams = cache.load(cache.cams_uri(out, build_config(LabelConfig, apply_params(payload, trials[2]))),
+                      cfg.label.dataset.storage)
+    assert final["sharpness"] == pytest.approx(sharpness([c["scores"] for c in cams if c["scores"].numel()]))
 
 
 def sweep_file(tmp_path: Path, data: Path, **extra) -> Path:
@@ -189,7 +193,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     # The CRF makes each trial take a second or so: time to interrupt between trials.
     path = sweep_file(tmp_path, tmp_path / "voc", subset={"num_images": 32},
                       tune={"max_concurrent_trials": 1, "early_stopping": False},
-                      label=TINY_LABEL | {"dataset": {"uri": str(tmp_path / "voc")}, "mask": {"crf": True}})
+                      label=TINY_LABEL | {"dataset": {"uri": str(tmp_path / "voc")}, "refine": ["caa", "crf"]})
     out = tmp_path / "sweep"
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
@@ -248,7 +252,7 @@ def test_sweep_on_s3(s3_bucket, ray_local, tmp_path, monkeypatch):
     assert summary.complete + summary.stopped == 3 and summary.errored == 0
     names = storage.list_names(f"{s3_bucket}/sweep")
     assert {"best.yaml", "trials.csv", "sweep.json", "cache", "tune"} <= set(names)
-    assert "features.pt" in storage.list_names(f"{s3_bucket}/sweep/cache")
+    assert any(n.startswith("features-") for n in storage.list_names(f"{s3_bucket}/sweep/cache"))
     best = load_config(LabelConfig, f"{s3_bucket}/sweep/best.yaml")  # `wsss label --config s3://…` reads it
     assert best.dataset.uri == f"{s3_bucket}/voc"
     # the same command again finds the finished sweep on S3 and runs nothing: a no-op that reports it

@@ -11,9 +11,11 @@ from wsss_platform.config import ConfigError, build_config
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.ownership import fingerprint
 from wsss_platform.sweep.config import load_sweep_config, parse_search_space, resolve_params
-from wsss_platform.sweep.job import best_label_data, choose_subset, sweep_settings
+from wsss_platform.sweep.objective import choose_subset
+from wsss_platform.sweep.results import best_label_data
+from wsss_platform.sweep.state import sweep_settings
 
-LABEL = {"model": {"name": "tiny", "pretrained": "none"}, "mask": {"crf": False}}
+LABEL = {"model": {"name": "tiny", "pretrained": "none"}, "refine": ["caa"]}
 
 
 def write(tmp_path, space, **extra):
@@ -39,6 +41,10 @@ def write(tmp_path, space, **extra):
      "search_space.mask.bg_value", "no range for rule(s) ['power']"),
     ({"mask.bg_rule": {"choices": ["threshold", "ratio"]}}, "search_space.mask.bg_rule", "'ratio'"),
     ({}, "search_space", "empty"),
+    ({"mask.crf": {"choices": [True, False]}}, "search_space.mask.crf", "replaced by the refine list"),
+    ({"refine": {"choices": [["crf", "caa"]]}}, "search_space.refine", "must come before 'crf'"),
+    ({"refine": {"choices": ["caa"]}}, "search_space.refine", "a list of refiner names"),
+    ({"cam_source": {"choices": ["clip_es", "toco"]}}, "search_space.cam_source", "unknown CAM source 'toco'"),
 ])
 def test_bad_declarations_name_the_key(tmp_path, space, key, words):
     with pytest.raises(ConfigError) as e:

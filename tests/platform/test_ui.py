@@ -37,12 +37,12 @@ def jobs(tmp_path_factory, mlflow_server):
     write_demo_dataset(str(root / "voc"), "voc", 8, seed=61)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     label_cmd = [str(BIN / "wsss"), "label", "--dataset", "voc", "--output", "labels", "model.name=tiny",
-                 "model.pretrained=none", "mask.crf=false", "compute.batch_size=2", "compute.loader_batch_size=2"]
+                 "model.pretrained=none", "refine=[caa]", "compute.batch_size=2", "compute.loader_batch_size=2"]
     t0 = time.monotonic()
     with open(root / "label.log", "w") as log:
         label_rc = subprocess.run(label_cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode
     label_wall = time.monotonic() - t0
-    sweep = {"label": {"dataset": {"uri": "voc"}, "model": {"name": "tiny", "pretrained": "none"}, "mask": {"crf": False},
+    sweep = {"label": {"dataset": {"uri": "voc"}, "model": {"name": "tiny", "pretrained": "none"}, "refine": ["caa"],
                        "tracking": {"preview_images": 2}},
              "objective": "miou", "subset": {"num_images": 6},
              "search_space": {"text.template": {"choices": TEMPLATES}},
@@ -113,7 +113,7 @@ def test_run_duration_is_the_jobs_and_a_failed_job_is_failed(jobs, tmp_path):
         bad = tmp_path / "voc" / "JPEGImages" / f"{first}.jpg"
         bad.write_bytes(b"")
         cfg = build_config(LabelConfig, {}, [f"dataset.uri={tmp_path / 'voc'}", f"output={tmp_path / 'out'}",
-                                             "model.name=tiny", "model.pretrained=none", "mask.crf=false"])
+                                             "model.name=tiny", "model.pretrained=none", "refine=[caa]"])
         t0 = time.monotonic()
         summary = run_label(cfg)
         wall = time.monotonic() - t0

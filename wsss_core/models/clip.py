@@ -11,57 +11,24 @@ T text classes.
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import Any
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-TINY_CONFIG: dict[str, Any] = {
-    "embed_dim": 128,
-    "vision_cfg": {"image_size": 224, "layers": 4, "width": 192, "patch_size": 16, "head_width": 64},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
-}
-
-WeightsSource = str | os.PathLike | bytes | IO[bytes] | None
-
-
-def _load_state_dict(source: str | os.PathLike | bytes | IO[bytes]) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors``/``.pt``/``.bin`` path, raw bytes or a binary file object."""
-    if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as f:
-            data = f.read()
-    elif isinstance(source, bytes):
-        data = source
-    else:
-        data = source.read()
-    if data[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
-        from safetensors.torch import load as load_safetensors
-
-        sd = load_safetensors(data)
-    else:
-        try:
-            sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception:
-            # OpenAI's released checkpoints are TorchScript archives.
-            sd = torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
-        if isinstance(sd, dict) and "state_dict" in sd:
-            sd = sd["state_dict"]
-    return {k.removeprefix("module."): v for k, v in sd.items()}
-
-
-def _is_weights_file(pretrained: WeightsSource) -> bool:
-    if pretrained is None:
-        return False
-    if not isinstance(pretrained, (str, os.PathLike)):
-        return True
-    return os.path.isfile(pretrained)
+from wsss_core.models.backbones import resize_pos_embed
+from wsss_core.models.weights import (
+    WeightsSource,
+    is_random,
+    is_weights_file,
+    load_weights,
+    model_config,
+    packaged_configs,
+)
 
 
 def create_clip(name: str = "ViT-B-16", pretrained: WeightsSource = "openai") -> tuple[torch.nn.Module, Any]:
@@ -69,41 +36,33 @@ def create_clip(name: str = "ViT-B-16", pretrained: WeightsSource = "openai") ->
 
     Args:
         name: an open_clip model name (``ViT-B-16``), a path to an open_clip model-config JSON
-            (custom architecture), or ``tiny`` (a small random ViT for tests).
+            (custom architecture), or a packaged config name (``tiny``: a small random ViT for tests;
+            :func:`wsss_core.models.weights.packaged_configs`).
         pretrained: an open_clip pretrained tag (``openai``), a weights file (path, bytes or an open
-            binary file: ``.safetensors``, ``.pt``, ``.bin``), or None/``none`` for random weights.
+            binary file: ``.safetensors``, ``.pt``, ``.bin``, TorchScript), or None/``none`` (random).
 
     Returns:
         (model in eval mode, tokenizer callable: list[str] -> int64 [T, context_length]).
     """
-    if isinstance(pretrained, str) and pretrained.lower() in ("", "none"):
-        pretrained = None
-    from_file = _is_weights_file(pretrained)
-    if name == "tiny" or name.endswith(".json"):
-        if name == "tiny":
-            cfg = TINY_CONFIG
-        else:
-            if not os.path.isfile(name):
-                raise FileNotFoundError(f"model config JSON not found: {name}")
-            with open(name) as f:
-                cfg = json.load(f)
-        if not from_file and pretrained is not None:
+    random = is_random(pretrained)
+    from_file = is_weights_file(pretrained)
+    cfg = model_config(name)
+    if cfg is not None:
+        if not from_file and not random:
             raise ValueError(f"pretrained={pretrained!r}: a custom config ({name}) takes a weights file or none, not a tag")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the random tiny model is the same everywhere
+            torch.manual_seed(0)  # a random custom model is the same everywhere
             model = open_clip.CLIP(**cfg)
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))
     else:
         if name not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {name!r}; use one of open_clip.list_models(), a config JSON path, or 'tiny'")
-        tag = None if from_file else pretrained
-        model = open_clip.create_model(name, pretrained=tag)
+            raise ValueError(f"unknown open_clip model {name!r}; use one of open_clip.list_models(), a config JSON "
+                             f"path, or a packaged config ({', '.join(packaged_configs())})")
+        model = open_clip.create_model(name, pretrained=None if from_file or random else pretrained)
         tokenizer = open_clip.get_tokenizer(name)
     if from_file:
         assert pretrained is not None
-        missing, unexpected = model.load_state_dict(_load_state_dict(pretrained), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"weights do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        load_weights(model, pretrained, name)
     return model.eval(), tokenizer
 
 
@@ -157,13 +116,8 @@ class ClipViT(torch.nn.Module):
         key = (gh, gw, device, dtype)
         if key not in self._pos_cache:
             pe = self.visual.positional_embedding.detach()
-            cls, patch = pe[:1], pe[1:]
-            if (gh, gw) != (self.base_grid, self.base_grid):
-                g = self.base_grid
-                patch = patch.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-                patch = F.interpolate(patch, size=(gh, gw), mode="bilinear", align_corners=False)
-                patch = patch.permute(0, 2, 3, 1).reshape(gh * gw, -1)
-            self._pos_cache[key] = torch.cat([cls, patch.to(cls.dtype)]).to(device=device, dtype=dtype)
+            grid = (self.base_grid, self.base_grid)
+            self._pos_cache[key] = resize_pos_embed(pe, grid, (gh, gw)).to(device=device, dtype=dtype)
         return self._pos_cache[key]
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -221,7 +175,8 @@ class ClipViT(torch.nn.Module):
     @torch.no_grad()
     def forward_features_multi(self, pixels: torch.Tensor, attn_layers: Sequence[int]
                                ) -> tuple[torch.Tensor, dict[int, torch.Tensor], tuple[int, int]]:
-        """:meth:`forward_features` for several L at once (a sweep over L needs one forward).
+        """:meth:`forward_features` for several L at once (a sweep over L needs one forward), or for
+        none (``attn_layers`` empty: only ``x_last``).
 
         Returns:
             x_last [B, S, D]; {L: attention [B, N, N] averaged over the last L blocks} (each L
@@ -231,8 +186,10 @@ class ClipViT(torch.nn.Module):
         grid = (pixels.shape[2] // self.patch_size, pixels.shape[3] // self.patch_size)
         depth = self.depth
         ls = sorted({max(1, min(int(n), depth)) for n in attn_layers})
-        if not ls:
-            raise ValueError("attn_layers is empty")
+        if not ls:  # no attention wanted: every block but the last on the fused path
+            for block in self.blocks[:-1]:
+                x = block(x)
+            return x, {}, grid
         start = depth - ls[-1]
         # Running sum over the window; a smaller L's sum is the total minus the sum before its start.
         before: dict[int, torch.Tensor | None] = {}

@@ -1,17 +1,17 @@
-"""Refinements of CAMs: CAA (CLIP-ES) and dense CRF."""
+"""Refinements of CAMs, each a registered refiner: CAA (CLIP-ES) and the dense CRF."""
 
 from wsss_core.refine.caa import (
+    CAA,
     affinity,
     box_mask,
     box_masks,
     caa,
     connected_components,
-    minmax_normalize,
     sinkhorn,
 )
-from wsss_core.refine.crf import CRFUnavailableError, dense_crf
+from wsss_core.refine.crf import CRFUnavailableError, DenseCRF, dense_crf
 
 __all__ = [
-    "CRFUnavailableError", "affinity", "box_mask", "box_masks", "caa", "connected_components", "dense_crf",
-    "minmax_normalize", "sinkhorn",
+    "CAA", "CRFUnavailableError", "DenseCRF", "affinity", "box_mask", "box_masks", "caa", "connected_components",
+    "dense_crf", "sinkhorn",
 ]

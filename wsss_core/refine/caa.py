@@ -13,8 +13,17 @@ propagate), then min–max normalised.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from wsss_core.maps import minmax_normalize, pad
+from wsss_core.registry import REFINERS
+from wsss_core.types import RefineSpace
 
 
 def sinkhorn(attn: torch.Tensor, rounds: int = 3, eps: float = 1e-12) -> torch.Tensor:
@@ -107,14 +116,6 @@ def box_mask(cam: torch.Tensor, threshold: float) -> torch.Tensor:
     return box_masks(cam[None], threshold)[0]
 
 
-def minmax_normalize(x: torch.Tensor, dims: int = 2, eps: float = 1e-7) -> torch.Tensor:
-    """Min–max normalise each map over its last ``dims`` dimensions to [0, 1]."""
-    flat = x.flatten(-dims)
-    lo = flat.amin(-1, keepdim=True)
-    hi = flat.amax(-1, keepdim=True)
-    return ((flat - lo) / (hi - lo + eps)).view_as(x)
-
-
 def caa_refine(cams: torch.Tensor, aff: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """``M = (A^t ⊙ B) · vec(CAM)`` for a batch, without materialising A^t ⊙ B.
 
@@ -147,3 +148,48 @@ def caa(cams: torch.Tensor, attn: torch.Tensor, *, box_threshold: float = 0.4, t
     aff = affinity(attn[None], t, sinkhorn_rounds)
     boxes = box_masks(cams.float(), box_threshold).view(1, k, h * w)
     return caa_refine(cams.float().view(1, k, h * w), aff, boxes).view(k, h, w)
+
+
+def attn_key(attn_layers: int) -> str:
+    """The aux key of attention averaged over the last ``attn_layers`` blocks."""
+    return f"attn/{int(attn_layers)}"
+
+
+@REFINERS.register("caa")
+@dataclass(frozen=True)
+class CAA:
+    """CAA as a refiner: batched over the images of one grid size and their present classes.
+
+    Args (reference defaults: all 8 last blocks, box 0.4 VOC / 0.7 COCO, t 2, 3 rounds):
+        attn_layers: L, the attention averaged over the last L blocks (aux ``attn/L``).
+        box_threshold: lambda of the box masks.
+        t: power of the affinity.
+        sinkhorn_rounds: Sinkhorn passes.
+    """
+
+    attn_layers: int = 8
+    box_threshold: float = 0.4
+    t: int = 2
+    sinkhorn_rounds: int = 3
+
+    space: ClassVar[RefineSpace] = "cams"
+    needs: ClassVar[frozenset[str]] = frozenset({"attn"})
+    needs_image: ClassVar[bool] = False
+
+    @property
+    def aux_keys(self) -> frozenset[str]:
+        return frozenset({attn_key(self.attn_layers)})
+
+    def __call__(self, maps: list[torch.Tensor], aux: Sequence[Mapping[str, torch.Tensor]],
+                 images: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]:
+        """Per image CAMs [K_i, h, w] in [0, 1] and aux ``attn/L`` [N, N] -> refined [K_i, h, w]."""
+        if not maps or max(m.shape[0] for m in maps) == 0:
+            return maps
+        key = attn_key(self.attn_layers)
+        attn = torch.stack([a[key] for a in aux]).to(maps[0].device, torch.float32)
+        b, (h, w) = len(maps), maps[0].shape[-2:]
+        cams = pad([m.float() for m in maps]).flatten(2)  # [B, K_max, N]
+        k_max = cams.shape[1]
+        boxes = box_masks(cams.view(b * k_max, h, w), self.box_threshold).view(b, k_max, h * w)
+        refined = caa_refine(cams, affinity(attn, self.t, self.sinkhorn_rounds), boxes).view(b, k_max, h, w)
+        return [refined[i, : m.shape[0]] for i, m in enumerate(maps)]

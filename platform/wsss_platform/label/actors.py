@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from wsss_core.metrics import ConfusionMatrix
+from wsss_core.types import PseudoMask
 from wsss_platform import storage
 from wsss_platform.datasets import DatasetConfig, DatasetError, open_dataset
 from wsss_platform.datasets.base import encode_mask_png
 from wsss_platform.label import outputs
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.stages import build_cam_source, class_set, device_for
+from wsss_platform.label.stages import build_pipeline, class_set, device_for
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
 EMPTY_MASK = np.zeros((0, 0), np.uint8)
@@ -93,17 +94,19 @@ class Labeler:
             torch.set_num_threads(self.cfg.compute.torch_threads)
         self.classes = class_set(class_names, self.cfg)
         self.device = device_for(gpus)
-        self.source = build_cam_source(self.cfg, self.classes, self.device)
+        self.pipeline = build_pipeline(self.cfg, self.classes, self.device)
         self.num_labels = self.classes.num_classes + 1
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.io = ThreadPoolExecutor(max_workers=8)
         self.inflight = outputs.InFlight(self.cfg.output, job_token, self.cfg.dataset.storage)
         self.guard = MemoryGuard.start(memory_per_actor(self.cfg))
 
-    def _write(self, image_id: str, res, size: tuple[int, int]) -> None:
+    def _write(self, image_id: str, res: PseudoMask, size: tuple[int, int]) -> None:
         out, opts = self.cfg.output, self.cfg.dataset.storage
-        storage.write_bytes(outputs.cams_uri(out, image_id), outputs.encode_cams(
-            res.cams.numpy(), res.attn.numpy(), res.labels, size, res.class_scores.numpy()), opts)
+        if self.cfg.cache != "none":
+            aux = {k: v.numpy() for k, v in res.aux.items()} if self.cfg.cache == "full" else {}
+            storage.write_bytes(outputs.cams_uri(out, image_id), outputs.encode_cams(
+                res.cams.numpy(), res.labels, size, res.class_scores.numpy(), aux), opts)
         storage.write_bytes(outputs.mask_uri(out, image_id), encode_mask_png(res.mask_conf.numpy()), opts)
 
     def _results(self, batch: dict[str, np.ndarray], idx: list[int], errors: list[str]) -> dict[int, Any]:
@@ -111,7 +114,7 @@ class Labeler:
         if not idx:
             return {}
         try:
-            res = self.source([batch["image"][i] for i in idx], [list(batch["labels"][i]) for i in idx])
+            res = self.pipeline([batch["image"][i] for i in idx], [list(batch["labels"][i]) for i in idx])
             return dict(zip(idx, res, strict=True))
         except Exception as e:  # a bad image must not take its batch down with it
             if len(idx) > 1:

@@ -1,18 +1,25 @@
-"""The labeling job's typed config. Field names match the sweep's search-space keys."""
+"""The labeling job's typed config. Field names match the sweep's search-space keys.
+
+``cam_source`` and ``refine`` name entries of the core's registries; a refiner's settings are the
+section of the same name (``caa``, ``crf``), passed to its factory as keyword arguments, so the
+defaults here are the core's (a test checks that they agree).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from wsss_core.registry import CAM_SOURCES, REFINERS, check_pipeline
 from wsss_platform.config import Section
 from wsss_platform.datasets.base import DatasetConfig
 
 
 class ModelConfig(Section):
     name: str = "ViT-B-16"
-    """open_clip model name, a path to an open_clip model-config JSON, or ``tiny`` (random, for tests)."""
+    """open_clip model name, a path to an open_clip model-config JSON, or a config packaged with
+    wsss_core (``tiny``: a small ViT for tests, with pretrained: none)."""
     pretrained: str = "openai"
     """open_clip pretrained tag, a weights file (local path or s3:// URI), or ``none`` (random weights)."""
 
@@ -35,7 +42,8 @@ class TextConfig(Section):
 
 
 class CAAConfig(Section):
-    enabled: bool = True
+    """Settings of the ``caa`` refiner (``wsss_core.refine.caa.CAA``)."""
+
     attn_layers: int = Field(8, ge=1, le=64)
     box_threshold: float = Field(0.4, ge=0.0, le=1.0)
     t: int = Field(2, ge=1, le=8)
@@ -47,14 +55,23 @@ class MaskConfig(Section):
     bg_value: float = Field(0.5, gt=0.0, le=64.0)
     """tau for ``threshold`` (in (0, 1]), alpha for ``power``."""
     mu: float = Field(0.95, ge=0.0, le=1.0)
-    crf: bool = True
-    crf_iterations: int = Field(10, ge=1, le=100)
 
     @model_validator(mode="after")
     def _tau_range(self) -> MaskConfig:
         if self.bg_rule == "threshold" and self.bg_value > 1.0:
             raise ValueError(f"bg_value: a background threshold must be in (0, 1], got {self.bg_value}")
         return self
+
+
+class CRFConfig(Section):
+    """Settings of the ``crf`` refiner (``wsss_core.refine.crf.DenseCRF``; CLIP-ES's reference values)."""
+
+    iterations: int = Field(10, ge=1, le=100)
+    gaussian_sxy: float = Field(1.0, gt=0)
+    gaussian_compat: float = Field(3.0, ge=0)
+    bilateral_sxy: float = Field(67.0, gt=0)
+    bilateral_srgb: float = Field(3.0, gt=0)
+    bilateral_compat: float = Field(4.0, ge=0)
 
 
 class ComputeConfig(Section):
@@ -91,17 +108,73 @@ class TrackingConfig(Section):
     preview_images: int = Field(6, ge=0, le=64)
 
 
+# Keys of earlier versions: a config holding one fails with what to write instead.
+REPLACED = {
+    ("caa", "enabled"): "caa.enabled: replaced by the refine list: CAA runs when refine names it "
+                        "(refine: [caa, crf], [caa], [crf] or [])",
+    ("mask", "crf"): "mask.crf: replaced by the refine list: refine: [caa, crf] (CAA, then the dense CRF) or "
+                     "[caa] (no CRF)",
+    ("mask", "crf_iterations"): "mask.crf_iterations: moved to crf.iterations",
+}
+
+
+def _replaced_keys(data: Any) -> None:
+    if not isinstance(data, dict):
+        return
+    found = [msg for (section, key), msg in REPLACED.items() if isinstance(data.get(section), dict) and key in data[section]]
+    if isinstance(data.get("refine"), str):
+        found.append(f"refine: a list of refiner names now, e.g. refine: [caa, crf] or [caa] (got {data['refine']!r}; "
+                     "the dense CRF, mask.crf before, is the refiner crf)")
+    if found:
+        raise ValueError("; ".join(found))
+
+
 class LabelConfig(Section):
     dataset: DatasetConfig = DatasetConfig()
     output: str = "label-output"
-    cam_source: Literal["clip_es"] = "clip_es"
-    refine: Literal["caa", "none"] = "caa"
+    cam_source: str = "clip_es"
+    """A registered CAM source (``wsss_core.registry.CAM_SOURCES``), e.g. clip_es."""
+    refine: list[str] = Field(default_factory=lambda: ["caa", "crf"])
+    """Refiners in order (``wsss_core.registry.REFINERS``); [] for none. CAM refiners (caa) come
+    before probability refiners (crf)."""
     model: ModelConfig = ModelConfig()
     text: TextConfig = TextConfig()
     caa: CAAConfig = CAAConfig()
+    crf: CRFConfig = CRFConfig()
     mask: MaskConfig = MaskConfig()
+    cache: Literal["none", "cams", "full"] = "cams"
+    """What ``cams/<id>.npz`` keeps: nothing; the CAMs (float16) and class scores; or also what the
+    refiners read (CLIP attention: N×N an image, ~36× the masks), for refinement-only reruns."""
     compute: ComputeConfig = ComputeConfig()
     tracking: TrackingConfig = TrackingConfig()
     overwrite: bool = False
     max_failed_fraction: float = Field(0.0, ge=0.0, le=1.0)
     ray_address: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_replaced_keys(cls, data: Any) -> Any:
+        _replaced_keys(data)
+        return data
+
+    @field_validator("cam_source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v not in CAM_SOURCES:
+            raise ValueError(f"unknown CAM source {v!r}; known: {', '.join(CAM_SOURCES.names())}")
+        return v
+
+    @field_validator("refine")
+    @classmethod
+    def _known_refiners(cls, v: list[str]) -> list[str]:
+        if unknown := [r for r in v if r not in REFINERS]:
+            raise ValueError(f"unknown refiner(s) {unknown}; known: {', '.join(REFINERS.names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _pairing(self) -> LabelConfig:
+        try:
+            check_pipeline(self.cam_source, self.refine)
+        except ValueError as e:
+            raise ValueError(f"cam_source={self.cam_source} with refine={self.refine}: {e}") from None
+        return self

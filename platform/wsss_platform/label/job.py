@@ -35,7 +35,7 @@ from wsss_platform.label import outputs
 from wsss_platform.label.actors import Labeler, Loader, LoadingLabeler, memory_per_actor
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.preview import PreviewRow, grid, iou_chart
-from wsss_platform.label.stages import check_model_paths
+from wsss_platform.label.stages import check_model_paths, check_stages
 from wsss_platform.ownership import OutputLock, fingerprint, refuse_changed
 from wsss_platform.ray_utils import (
     check_credentials_reach_workers,
@@ -161,7 +161,8 @@ def _dataset_payload(cfg: LabelConfig) -> dict[str, Any]:
 
 def label_settings(cfg: LabelConfig) -> dict[str, Any]:
     """What shapes the masks: an output holds the results of one such setting (DESIGN.md)."""
-    settings = cfg.model_dump(mode="json", include={"cam_source", "refine", "model", "text", "caa", "mask"})
+    settings = cfg.model_dump(mode="json", include={"cam_source", "refine", "model", "text", "mask",
+                                                    *(r for r in cfg.refine if r in LabelConfig.model_fields)})
     settings["dataset"] = cfg.dataset.model_dump(mode="json", include={"uri", "layout", "split", "labels_from"})
     return settings
 
@@ -236,10 +237,13 @@ def _preview(cfg: LabelConfig, ds: Dataset, manifest: pa.Table) -> bytes | None:
     rows = []
     for r in done[: cfg.tracking.preview_images]:
         row = ds.load(r["image_id"])
-        cams = outputs.decode_cams(storage.read_bytes(outputs.cams_uri(cfg.output, r["image_id"]), cfg.dataset.storage))
         mask = decode_mask(storage.read_bytes(outputs.mask_uri(cfg.output, r["image_id"]), cfg.dataset.storage), "mask")
-        rows.append(PreviewRow(r["image_id"], row.image, cams["cams"].astype(np.float32),
-                               [names[int(c)] for c in cams["labels"]], mask, row.mask))
+        if cfg.cache == "none":  # no CAMs kept: the preview shows image, mask and ground truth
+            cams, labels = np.zeros((0, 1, 1), np.float32), []
+        else:
+            data = outputs.decode_cams(storage.read_bytes(outputs.cams_uri(cfg.output, r["image_id"]), cfg.dataset.storage))
+            cams, labels = data["cams"].astype(np.float32), data["labels"].tolist()
+        rows.append(PreviewRow(r["image_id"], row.image, cams, [names[int(c)] for c in labels], mask, row.mask))
     return grid(rows) if rows else None
 
 
@@ -249,6 +253,7 @@ def run_label(cfg: LabelConfig, log=print) -> LabelSummary:
     check_credentials_reach_workers(cfg.ray_address, cfg.dataset.storage)
     storage.export_credentials(cfg.dataset.storage)
     check_model_paths(cfg)
+    check_stages(cfg)
     ds = open_dataset(cfg.dataset)
     cfg = cfg.model_copy(update={"output": cfg.output.rstrip("/")})
     out, opts = cfg.output, cfg.dataset.storage
@@ -331,7 +336,7 @@ RANDOM_NOTE = "random weights (model.pretrained: none): the CAMs, masks and mIoU
 
 
 def method_name(cfg: LabelConfig) -> str:
-    return "+".join([cfg.cam_source, *([cfg.refine] if cfg.refine != "none" else []), *(["crf"] if cfg.mask.crf else [])])
+    return "+".join([cfg.cam_source, *cfg.refine])
 
 
 def run_name(cfg: LabelConfig) -> str:
@@ -350,7 +355,7 @@ def job_run(cfg: LabelConfig, ds: Dataset, todo: int) -> Iterator[JobRun | None]
             f"{cfg.model.name}, written to {cfg.output}." + (f"\n\n**{RANDOM_NOTE}**" if random else ""))
     tags = {"wsss.job": "label", "wsss.dataset": ds.uri, "wsss.split": cfg.dataset.split,
             "wsss.model": f"{cfg.model.name} ({cfg.model.pretrained})", "wsss.cam_source": cfg.cam_source,
-            "wsss.refiner": cfg.refine, "wsss.output": cfg.output, "wsss.code_version": code_version()["git_commit"][:12]}
+            "wsss.refiner": "+".join(cfg.refine) or "none", "wsss.output": cfg.output, "wsss.code_version": code_version()["git_commit"][:12]}
     if random:
         tags["wsss.warning"] = RANDOM_NOTE
     with JobRun(cfg.tracking.experiment, run_name(cfg), tags, desc, flatten(cfg.model_dump(mode="json"))) as run:

@@ -20,6 +20,7 @@ from wsss_platform import storage
 from wsss_platform.storage import StorageOptions
 
 PARTS = "manifest-parts"
+AUX_PREFIX = "aux/"
 INFLIGHT = "inflight"
 RESULTS = ("masks", "cams", PARTS, INFLIGHT, "manifest.parquet")
 
@@ -52,19 +53,26 @@ def cams_uri(output: str, image_id: str) -> str:
     return storage.join(output, "cams", f"{image_id}.npz")
 
 
-def encode_cams(cams: np.ndarray, attn: np.ndarray, labels: list[int], size: tuple[int, int],
-                class_scores: np.ndarray) -> bytes:
-    """float16 CAMs [K, h, w] and attention [N, N]: all a refinement-only pass needs."""
+def encode_cams(cams: np.ndarray, labels: list[int], size: tuple[int, int], class_scores: np.ndarray,
+                aux: dict[str, np.ndarray] | None = None) -> bytes:
+    """float16 CAMs [K, h, w], the labels, image size and class scores; with ``aux`` (``cache:
+    full``) also what the refiners read, float16 under ``aux/<key>``: all a refinement-only pass needs."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, cams=cams.astype(np.float16), attn=attn.astype(np.float16),
-                        labels=np.asarray(labels, dtype=np.int32), size=np.asarray(size, dtype=np.int32),
-                        class_scores=class_scores.astype(np.float32))
+    extra = {f"{AUX_PREFIX}{k}": v.astype(np.float16) for k, v in (aux or {}).items()}
+    np.savez_compressed(buf, cams=cams.astype(np.float16), labels=np.asarray(labels, dtype=np.int32),
+                        size=np.asarray(size, dtype=np.int32), class_scores=class_scores.astype(np.float32), **extra)
     return buf.getvalue()
 
 
 def decode_cams(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of a ``cams/<id>.npz``; aux ones keep their ``aux/`` prefix (see :func:`aux_of`)."""
     with np.load(io.BytesIO(data)) as z:
         return {k: z[k] for k in z.files}
+
+
+def aux_of(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{"attn/8": [N, N]}`` from decoded arrays."""
+    return {k[len(AUX_PREFIX):]: v for k, v in arrays.items() if k.startswith(AUX_PREFIX)}
 
 
 def write_part(output: str, rows: list[dict[str, Any]], options: StorageOptions | None = None) -> None:

@@ -1,33 +1,39 @@
-"""Build the pipeline's stages from the config: class set + prompts, the CAM source, refinement.
+"""Build the core's pipeline from a labeling config: class set + prompts, the CAM source, refiners.
 
-A CAM source is a name in ``CAM_SOURCES`` whose builder returns a batch callable
-``(images, labels) -> list[ImageResult]``; CLIP-ES is the first, ToCo and PSA plug in beside it.
+The platform names no method. A CAM source's factory (a class in ``wsss_core``'s registry) is
+called with the keyword arguments its signature asks for, each supplied by an entry of ``INPUTS``
+(``clip``: the loaded CLIP model, ``prompts``, ``precision``, ``batch_size``); a refiner's
+factory gets the config section of its own name (``caa`` -> ``cfg.caa``); the mask section goes
+to the ``PseudoMasker``. What shapes a source's CAMs (for cache keys) is the settings of the
+inputs it takes.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
-from wsss_core.classes import VOC, ClassSet
-from wsss_core.clip_es import CAAParams, ClipES, MaskParams
+from wsss_core.classes import COCO, VOC, ClassSet
 from wsss_core.models.clip import ClipViT, create_clip
+from wsss_core.models.weights import looks_like_path
+from wsss_core.pipeline import LabelingPipeline, PseudoMasker
 from wsss_core.prompts import build_prompts
-from wsss_core.registry import Registry
+from wsss_core.registry import CAM_SOURCES, create_cam_source, create_refiner
 from wsss_platform import storage
+from wsss_platform.config import ConfigError
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.storage import StorageOptions
-
-CAM_SOURCES = Registry("CAM source")
 
 
 def class_set(names: list[str], cfg: LabelConfig) -> ClassSet:
     """The dataset's classes with built-in synonyms/background (VOC/COCO) plus the config's."""
-    from wsss_core.classes import COCO
-
     base = next((c for c in (VOC, COCO) if set(names) <= set(c.names)), None)
     synonyms = {**(base.synonyms if base else {}), **cfg.text.synonyms}
     background = tuple(cfg.text.background) if cfg.text.background is not None else (base.background if base else ())
@@ -43,16 +49,10 @@ def resolve_weights(pretrained: str, options: StorageOptions | None = None) -> s
     return pretrained
 
 
-def _looks_like_file(value: str) -> bool:
-    return os.sep in value or value.endswith((".pt", ".bin", ".safetensors", ".pth", ".json"))
-
-
 def check_model_paths(cfg: LabelConfig) -> None:
     """Fail on the driver, before any actor starts, when a local model file is missing."""
-    from wsss_platform.config import ConfigError
-
     for key, value in (("model.name", cfg.model.name), ("model.pretrained", cfg.model.pretrained)):
-        if "://" not in value and _looks_like_file(value) and not os.path.isfile(value):
+        if "://" not in value and looks_like_path(value) and not os.path.isfile(value):
             raise ConfigError(f"{key}: file not found: {value} (relative paths are relative to {os.getcwd()})")
 
 
@@ -60,34 +60,82 @@ def device_for(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def caa_params(cfg: LabelConfig) -> CAAParams:
-    c = cfg.caa
-    return CAAParams(cfg.refine == "caa" and c.enabled, c.attn_layers, c.box_threshold, c.t, c.sinkhorn_rounds)
-
-
-def mask_params(cfg: LabelConfig) -> MaskParams:
-    m = cfg.mask
-    return MaskParams(m.bg_rule, m.bg_value, m.mu, m.crf, m.crf_iterations)
-
-
-def load_clip(cfg: LabelConfig, device: torch.device) -> ClipViT:
-    model, tokenizer = create_clip(cfg.model.name, resolve_weights(cfg.model.pretrained, cfg.dataset.storage))
+@functools.lru_cache(maxsize=2)
+def _clip(name: str, pretrained: str, storage_json: str, device: str) -> ClipViT:
+    # Cached per process: sweep trials reuse their actor, and a prompt change must not reload the model.
+    model, tokenizer = create_clip(name, resolve_weights(pretrained, StorageOptions.model_validate_json(storage_json)))
     return ClipViT(model, tokenizer).to(device)
 
 
-def clip_es_with(vit: ClipViT, cfg: LabelConfig, classes: ClassSet) -> ClipES:
-    """CLIP-ES around an already loaded model (prompts, CAA and mask settings from ``cfg``)."""
-    precision = cfg.compute.precision
-    if precision == "auto":
-        precision = "bf16" if next(vit.parameters()).device.type == "cuda" else "fp32"
-    prompts = build_prompts(classes, cfg.text.template, cfg.text.fuse_synonyms, cfg.text.use_background)
-    return ClipES(vit, prompts, caa_params(cfg), mask_params(cfg), precision, cfg.compute.batch_size)
+def load_clip(cfg: LabelConfig, device: torch.device) -> ClipViT:
+    return _clip(cfg.model.name, cfg.model.pretrained, cfg.dataset.storage.model_dump_json(), str(device))
 
 
-@CAM_SOURCES.register("clip_es")
-def build_clip_es(cfg: LabelConfig, classes: ClassSet, device: torch.device) -> Callable[..., Any]:
-    return clip_es_with(load_clip(cfg, device), cfg, classes)
+def precision(cfg: LabelConfig, device: torch.device) -> str:
+    p = cfg.compute.precision
+    return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
 
 
-def build_cam_source(cfg: LabelConfig, classes: ClassSet, device: torch.device) -> Callable[..., Any]:
-    return CAM_SOURCES.get(cfg.cam_source)(cfg, classes, device)
+@dataclass(frozen=True)
+class Input:
+    """What the platform hands a CAM-source factory as one keyword argument."""
+
+    settings: Callable[[LabelConfig], Any] | None
+    """The config values that shape the CAMs through it (None: it does not shape them)."""
+    build: Callable[[LabelConfig, ClassSet, torch.device], Any]
+
+
+INPUTS: dict[str, Input] = {
+    "clip": Input(lambda c: c.model.model_dump(mode="json"), lambda c, _, d: load_clip(c, d)),
+    "prompts": Input(lambda c: c.text.model_dump(mode="json"),
+                     lambda c, cls, _: build_prompts(cls, c.text.template, c.text.fuse_synonyms, c.text.use_background)),
+    "precision": Input(lambda c: c.compute.precision, lambda c, _, d: precision(c, d)),
+    "batch_size": Input(None, lambda c, _, d: c.compute.batch_size),
+}
+
+
+def source_params(name: str) -> list[str]:
+    """The keyword arguments the CAM source's factory takes; one the platform cannot supply fails."""
+    params = inspect.signature(CAM_SOURCES.get(name)).parameters
+    missing = [p for p, v in params.items() if p not in INPUTS and v.default is inspect.Parameter.empty
+               and v.kind is not inspect.Parameter.VAR_KEYWORD]
+    if missing:
+        raise ConfigError(f"cam_source={name}: its factory needs {missing}, which the platform cannot supply "
+                          f"(it supplies {', '.join(INPUTS)})")
+    return [p for p in params if p in INPUTS]
+
+
+def source_settings(cfg: LabelConfig, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """What shapes the source's output (or, with ``only``, the part that those inputs shape)."""
+    names = [p for p in source_params(cfg.cam_source) if only is None or p in only]
+    return {p: INPUTS[p].settings(cfg) for p in names if INPUTS[p].settings is not None}
+
+
+def build_cam_source(cfg: LabelConfig, classes: ClassSet, device: torch.device) -> Any:
+    kwargs = {p: INPUTS[p].build(cfg, classes, device) for p in source_params(cfg.cam_source)}
+    return create_cam_source(cfg.cam_source, **kwargs)
+
+
+def refiner_kwargs(cfg: LabelConfig, name: str) -> dict[str, Any]:
+    section = getattr(cfg, name, None)
+    return section.model_dump() if isinstance(section, BaseModel) else {}
+
+
+def build_masker(cfg: LabelConfig) -> PseudoMasker:
+    """The refiners named by ``cfg.refine`` (each with its section) and the mask settings."""
+    refiners = [create_refiner(name, **refiner_kwargs(cfg, name)) for name in cfg.refine]
+    return PseudoMasker(refiners, **cfg.mask.model_dump())
+
+
+def build_pipeline(cfg: LabelConfig, classes: ClassSet, device: torch.device) -> LabelingPipeline:
+    return LabelingPipeline(build_cam_source(cfg, classes, device), build_masker(cfg))
+
+
+def check_stages(cfg: LabelConfig) -> None:
+    """On the driver, before Ray: the source's inputs can be supplied and the refiners build (an
+    optional package a refiner needs is missing here, not in every actor)."""
+    source_params(cfg.cam_source)
+    try:
+        build_masker(cfg)
+    except ImportError as e:
+        raise ConfigError(f"refine={cfg.refine}: {e}") from None

@@ -1,1 +1,1 @@
-"""Sweeps: Ray Tune + Optuna over CLIP-ES prompt and refinement settings, every trial in MLflow."""
+"""Sweeps: Ray Tune + Optuna over a job's settings (labeling: CAM source, prompts, refiners, masks), every trial in MLflow."""

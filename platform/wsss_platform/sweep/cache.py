@@ -1,34 +1,35 @@
 """What a sweep computes once and every trial reuses, kept on the sweep's output storage.
 
 - ``cache/subset.pt``: the scored images (uint8), their labels and ground-truth masks.
-- ``cache/features.pt``: per image the tokens entering the last block and the attention averaged
-  over every L the search space can pick: the prompt-independent backbone, run once per sweep.
-- ``cache/cams-<key>.pt``: per image the Softmax-GradCAMs and class scores of one prompt setting
-  (template, synonym fusion, background set): one last-block Grad-CAM per distinct setting.
+- ``cache/features-<key>.pt`` (sources in two stages, e.g. the CLIP ones): per image the
+  setting-independent features (CLIP: tokens entering the last block) and the aux every trial's
+  refiners can ask for (CLIP attention for every L the space can pick), keyed by the source's
+  feature stage and the settings of its feature inputs (model, precision).
+- ``cache/cams-<key>.pt``: per image the CAMs and class scores of one source setting (source,
+  model, prompts, precision), and the aux too for sources in one stage.
 
-A trial that only changes refinement or masking settings reads both caches and runs no network.
-Files are written atomically, so a crash leaves a cache either complete or absent.
+A trial that changes only refinement or mask settings reads both and runs no network; one that
+changes the prompts reruns only the second stage. Files are written atomically, so a crash leaves
+a cache either complete or absent.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import time
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from wsss_core.clip_es import ClipES
-from wsss_core.models.clip import ClipViT
+from wsss_core import types
+from wsss_core.maps import size_batches
+from wsss_core.registry import CAM_SOURCES, REFINERS
 from wsss_platform import storage
+from wsss_platform.config import ConfigError, build_config
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.stages import class_set, clip_es_with, load_clip
+from wsss_platform.label.stages import build_masker, source_settings
+from wsss_platform.ownership import fingerprint
 from wsss_platform.storage import StorageOptions
 
 
@@ -40,46 +41,18 @@ class Subset:
     masks: list[torch.Tensor | None]  # uint8 [H, W]
     class_names: list[str]
 
-    def groups(self, start: int = 0, stop: int | None = None) -> dict[tuple[int, int], list[int]]:
-        """Indices in [start, stop) grouped by image size (H, W)."""
-        out: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i in range(start, len(self.images) if stop is None else stop):
-            out[(int(self.images[i].shape[0]), int(self.images[i].shape[1]))].append(i)
-        return out
-
-    def batches(self, batch_size: int) -> Iterator[list[int]]:
+    def batches(self, batch_size: int) -> list[list[int]]:
         """Indices in batches of at most ``batch_size`` images of one size."""
-        for idx in self.groups().values():
-            for start in range(0, len(idx), batch_size):
-                yield idx[start: start + batch_size]
+        return list(size_batches((im.shape for im in self.images), batch_size))
 
 
-@dataclass
-class Features:
-    """Per image: ``x_last`` [S, D]; ``attn[L]`` [N, N] float16; ``grid`` (h, w)."""
-
-    x_last: list[torch.Tensor]
-    attn: dict[int, list[torch.Tensor]]
-    grid: list[tuple[int, int]]
-    seconds: float = 0.0
-
-
-@dataclass
-class Cams:
-    """Per image: CAMs [K_i, h, w] float32 and the softmax scores of its classes [K_i]."""
-
-    cams: list[torch.Tensor]
-    scores: list[torch.Tensor]
-    seconds: float = 0.0
-
-
-def _save(obj: dict[str, Any], uri: str, opts: StorageOptions) -> None:
+def save(obj: Any, uri: str, opts: StorageOptions) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     storage.write_bytes(uri, buf.getvalue(), opts)
 
 
-def _load(uri: str, opts: StorageOptions) -> dict[str, Any]:
+def load(uri: str, opts: StorageOptions) -> Any:
     return torch.load(io.BytesIO(storage.read_bytes(uri, opts)), weights_only=True)
 
 
@@ -87,95 +60,93 @@ def subset_uri(output: str) -> str:
     return storage.join(output, "cache", "subset.pt")
 
 
-def features_uri(output: str) -> str:
-    return storage.join(output, "cache", "features.pt")
-
-
-def cams_uri(output: str, key: str) -> str:
-    return storage.join(output, "cache", f"cams-{key}.pt")
-
-
 def save_subset(s: Subset, uri: str, opts: StorageOptions) -> None:
-    _save({"ids": s.ids, "images": s.images, "labels": s.labels, "class_names": s.class_names,
+    save({"ids": s.ids, "images": s.images, "labels": s.labels, "class_names": s.class_names,
            "masks": [m if m is not None else torch.zeros(0, 0, dtype=torch.uint8) for m in s.masks]}, uri, opts)
 
 
 def load_subset(uri: str, opts: StorageOptions) -> Subset:
-    d = _load(uri, opts)
+    d = load(uri, opts)
     return Subset(d["ids"], d["images"], d["labels"], [m if m.numel() else None for m in d["masks"]], d["class_names"])
 
 
-def save_features(f: Features, uri: str, opts: StorageOptions) -> None:
-    _save({"x_last": f.x_last, "attn": {str(k): v for k, v in f.attn.items()}, "grid": [list(g) for g in f.grid],
-           "seconds": f.seconds}, uri, opts)
+def is_staged(cfg: LabelConfig) -> bool:
+    return types.is_staged(CAM_SOURCES.get(cfg.cam_source))
 
 
-def load_features(uri: str, opts: StorageOptions) -> Features:
-    d = _load(uri, opts)
-    return Features(d["x_last"], {int(k): v for k, v in d["attn"].items()}, [tuple(g) for g in d["grid"]], d["seconds"])
+def features_uri(output: str, cfg: LabelConfig) -> str:
+    """Keyed by the source's feature stage (shared by sources that share it) and what shapes it."""
+    source = CAM_SOURCES.get(cfg.cam_source)
+    what = {"stage": source.features.__qualname__, "inputs": source_settings(cfg, source.feature_inputs)}
+    return storage.join(output, "cache", f"features-{fingerprint(what)[:16]}.pt")
 
 
-def save_cams(c: Cams, uri: str, opts: StorageOptions) -> None:
-    _save({"cams": c.cams, "scores": c.scores, "seconds": c.seconds}, uri, opts)
+def cams_uri(output: str, cfg: LabelConfig) -> str:
+    """Keyed by the source and everything that shapes its CAMs (model, prompts, precision)."""
+    what = {"cam_source": cfg.cam_source, "inputs": source_settings(cfg)}
+    return storage.join(output, "cache", f"cams-{fingerprint(what)[:16]}.pt")
 
 
-def load_cams(uri: str, opts: StorageOptions) -> Cams:
-    d = _load(uri, opts)
-    return Cams(d["cams"], d["scores"], d["seconds"])
-
-
-def prompt_key(label: LabelConfig) -> str:
-    """Identifies the CAMs: the model and everything that shapes the text features."""
-    what = {"model": label.model.model_dump(mode="json"), "text": label.text.model_dump(mode="json"),
-            "precision": label.compute.precision}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def clip_es(label: LabelConfig, class_names: list[str], device: torch.device, vit: ClipViT | None = None) -> ClipES:
-    """CLIP-ES for ``label`` (loading the model unless ``vit`` is given)."""
-    if label.cam_source != "clip_es":
-        raise ValueError(f"cam_source {label.cam_source!r} has no cached-feature path")
-    return clip_es_with(vit or load_clip(label, device), label, class_set(class_names, label))
-
-
-def compute_features(es: ClipES, subset: Subset, attn_layers: list[int], batch_size: int) -> Features:
-    """The prompt-independent backbone for every subset image (batched within size groups)."""
-    t0 = time.perf_counter()
-    n = len(subset.images)
-    x_last: list[torch.Tensor | None] = [None] * n
-    attn: dict[int, list[torch.Tensor | None]] = {}
-    grid: list[tuple[int, int]] = [(0, 0)] * n
+def compute_features(source: types.StagedCamSource, subset: Subset, aux: Collection[str],
+                     batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The setting-independent stage for every subset image (batched within size groups)."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in subset.ids]
     for chunk in subset.batches(batch_size):
-        x, att, g = es.features(torch.stack([subset.images[i] for i in chunk]), attn_layers)
+        feats = source.features(torch.stack([subset.images[i] for i in chunk]), aux)
         for j, i in enumerate(chunk):
-            x_last[i], grid[i] = x[j].cpu(), g
-            for n_layers, a in att.items():
-                attn.setdefault(n_layers, [None] * n)[i] = a[j].to(torch.float16).cpu()
-    return Features(x_last, attn, grid, time.perf_counter() - t0)  # type: ignore[arg-type]
+            out[i] = {k: (v[j].to(torch.float16) if k in aux else v[j]).cpu() for k, v in feats.items()}
+    return out
 
 
-def compute_cams(es: ClipES, subset: Subset, features: Features, batch_size: int) -> Cams:
-    """Softmax-GradCAMs of one prompt setting from the cached features (last block only)."""
-    t0 = time.perf_counter()
-    n = len(subset.images)
-    cams: list[torch.Tensor | None] = [None] * n
-    scores: list[torch.Tensor | None] = [None] * n
+def compute_cams(source: Any, subset: Subset, features: list[dict[str, torch.Tensor]] | None,
+                 aux: Collection[str], batch_size: int) -> list[dict[str, Any]]:
+    """Per image ``{"cams": [K, h, w], "scores": [K]}`` (+ ``"aux"`` for a one-stage source)."""
+    out: list[dict[str, Any]] = [{} for _ in subset.ids]
     for chunk in subset.batches(batch_size):
-        x = torch.stack([features.x_last[i] for i in chunk])
-        c, s = es.cams_from_features(x, features.grid[chunk[0]], [subset.labels[i] for i in chunk])
-        for j, i in enumerate(chunk):
-            cams[i], scores[i] = c[j].float().cpu(), s[j].float().cpu()
-    return Cams(cams, scores, time.perf_counter() - t0)  # type: ignore[arg-type]
+        labels = [subset.labels[i] for i in chunk]
+        if features is not None:  # the second stage only; aux stays with the features
+            stacked = {k: torch.stack([features[i][k] for i in chunk]) for k in features[chunk[0]] if k not in aux}
+            results = source.cams_from_features(stacked, labels)
+        else:
+            results = source([subset.images[i].numpy() for i in chunk], labels, aux=aux)
+        for i, r in zip(chunk, results, strict=True):
+            out[i] = {"cams": r.cams.float().cpu(), "scores": r.scores.float().cpu()}
+            if features is None:
+                out[i]["aux"] = {k: v.to(torch.float16).cpu() for k, v in r.aux.items()}
+    return out
 
 
-def attn_layers_needed(label: LabelConfig, dims: list[Any]) -> list[int]:
-    """Every L the trials can ask for: the searched range, else the labeling config's value."""
-    for d in dims:
-        if d.key == "caa.attn_layers":
-            values = d.choices if d.kind == "categorical" else range(int(d.low), int(d.high) + 1, int(d.step or 1))
-            return sorted({int(v) for v in values})
-    return [label.caa.attn_layers]
+def outputs_from(subset: Subset, cams: list[dict[str, Any]], features: list[dict[str, torch.Tensor]] | None,
+                 aux: Collection[str]) -> list[types.CamOutput]:
+    """The source's outputs for the subset, rebuilt from the caches (aux from the features when staged)."""
+    out = []
+    for i, c in enumerate(cams):
+        extra = {k: features[i][k] for k in aux} if features is not None else c.get("aux", {})
+        out.append(types.CamOutput(list(subset.labels[i]), c["cams"], c["scores"], extra))
+    return out
 
 
-def np_images(subset: Subset, idx: list[int]) -> list[np.ndarray]:
-    return [subset.images[i].numpy() for i in idx]
+def aux_needed(label: LabelConfig, dims: list[Any]) -> list[str]:
+    """Every aux key a trial's refiners can ask for: the refiners built for every combination of the
+    searched values that can change them (``refine`` and the keys of refiner sections; a float
+    range by its two ends). The other keys (prompts, mask) never change what refiners read."""
+    import itertools
+
+    from wsss_platform.sweep.config import apply_params
+
+    def values(d):
+        if d.kind == "categorical":
+            return d.choices
+        return range(int(d.low), int(d.high) + 1, int(d.step or 1)) if d.kind == "int" else (d.low, d.high)
+
+    relevant = [d for d in dims if d.key == "refine" or d.key.split(".")[0] in REFINERS]
+    base = label.model_dump(mode="json")
+    keys: set[str] = set()
+    for combo in itertools.product(*(values(d) for d in relevant)):
+        try:
+            cfg = build_config(LabelConfig, apply_params(base, {d.name: v for d, v in zip(relevant, combo, strict=True)}),
+                               source="search space")
+        except ConfigError:  # values that go only with another choice (checked when the space was parsed)
+            continue
+        keys |= build_masker(cfg).aux_keys
+    return sorted(keys)

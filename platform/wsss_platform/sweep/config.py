@@ -7,6 +7,8 @@ declarations::
     mask.bg_value:     {low: 0.5, high: 4, log: true}   # float (log-uniform)
     caa.t:             {low: 1, high: 4}                 # int: the labeling field is an int
     text.template:     {choices: ["a photo of a {}.", "a clean origami {}."]}
+    cam_source:        {choices: [clip_es, ...]}       # registered CAM sources
+    refine:            {choices: [[caa], [caa, crf]]}
     mask.bg_value:                                       # conditional on mask.bg_rule
       threshold: {low: 0.3, high: 0.7}
       power: {low: 0.5, high: 4, log: true}
@@ -25,25 +27,25 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from wsss_core.registry import REFINERS
 from wsss_platform.config import ConfigError, Section, apply_overrides, build_config, read_yaml
-from wsss_platform.label.config import LabelConfig
+from wsss_platform.label.config import REPLACED, LabelConfig
 
-# Keys a sweep may search, and what changing them costs: "prompt" keys need new CAMs (the last
-# block's Grad-CAM); "refine" keys reuse the cached CAMs and attention.
-SWEEPABLE: dict[str, Literal["prompt", "refine"]] = {
-    "text.template": "prompt",
-    "text.fuse_synonyms": "prompt",
-    "text.use_background": "prompt",
-    "caa.enabled": "refine",
-    "caa.attn_layers": "refine",
-    "caa.box_threshold": "refine",
-    "caa.t": "refine",
-    "caa.sinkhorn_rounds": "refine",
-    "mask.bg_rule": "refine",
-    "mask.bg_value": "refine",
-    "mask.mu": "refine",
-    "mask.crf": "refine",
-}
+
+def sweepable_keys() -> list[str]:
+    """Keys a sweep may search: the CAM source, the refiner list, the prompts, the mask settings and
+    every setting of a registered refiner's section. What a trial then costs follows from the
+    caches: a new source setting (source, prompts) reruns the source's second stage or all of it;
+    the rest reuses the cached CAMs and aux and runs no network."""
+    keys = ["cam_source", "refine", "text.template", "text.fuse_synonyms", "text.use_background"]
+    for section in ("mask", *(name for name in REFINERS.names() if name in LabelConfig.model_fields)):
+        keys += [f"{section}.{k}" for k in LabelConfig.model_fields[section].annotation.model_fields]  # type: ignore[union-attr]
+    return keys
+
+
+REFINE_SEP = "+"  # refine: [caa, crf] is the choice "caa+crf" for Optuna, whose choices are scalars
+
+
 BG_RULES = ("threshold", "power")
 CONDITIONAL_SEP = ":"  # "mask.bg_value:power": the bg_value drawn when the rule is power
 
@@ -83,7 +85,7 @@ class SweepConfig(Section):
     """The labeling config being tuned (inline, or a path to its YAML in the file)."""
     objective: Literal["miou", "sharpness"] = "miou"
     """miou: pseudo-mask mIoU on the subset (needs ground truth; maximised). sharpness: label-free
-    prompt score of CLIP-ES (minimised)."""
+    prompt score of the CLIP sources (minimised)."""
     subset: SubsetConfig = SubsetConfig()
     search_space: dict[str, Any] = Field(default_factory=dict)
     tune: TuneSection = TuneSection()
@@ -122,9 +124,9 @@ class Dim:
 
 
 def _field_type(key: str) -> type:
-    section, name = key.split(".")
-    field = LabelConfig.model_fields[section].annotation.model_fields[name]  # type: ignore[union-attr]
-    return field.annotation  # type: ignore[return-value]
+    section, _, name = key.rpartition(".")
+    fields = LabelConfig.model_fields[section].annotation.model_fields if section else LabelConfig.model_fields  # type: ignore[union-attr]
+    return fields[name].annotation  # type: ignore[return-value]
 
 
 def _check_value(base: dict[str, Any], key: str, value: Any, what: str, extra: dict[str, Any] | None = None) -> None:
@@ -153,16 +155,20 @@ def _parse_dim(base: dict[str, Any], name: str, decl: Any, extra: dict[str, Any]
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{where}: choices must be a non-empty list, got {choices!r}")
         for c in choices:
-            if c is not None and not isinstance(c, bool | int | float | str):
-                raise ConfigError(f"{where}: choice {c!r} must be a string, number, boolean or null")
+            lists = key == "refine" and isinstance(c, list) and all(isinstance(x, str) for x in c)
+            if c is not None and not isinstance(c, bool | int | float | str) and not lists:
+                raise ConfigError(f"{where}: choice {c!r} must be a string, number, boolean or null"
+                                  + (" (refine: lists of refiner names)" if key == "refine" else ""))
             _check_value(base, key, c, "choice", extra)
+        if key == "refine":
+            choices = [REFINE_SEP.join(c) if isinstance(c, list) else c for c in choices]
         if len(set(map(json.dumps, choices))) != len(choices):
             raise ConfigError(f"{where}: choices repeat a value: {choices!r}")
         return Dim(name, "categorical", tuple(choices))
     if "low" not in decl or "high" not in decl:
         raise ConfigError(f"{where}: a range needs both low and high (or use choices: [...])")
     ftype = _field_type(key)
-    if ftype in (bool, str) or getattr(ftype, "__origin__", None) is Literal:
+    if ftype in (bool, str) or getattr(ftype, "__origin__", None) in (Literal, list):
         raise ConfigError(f"{where}: {key} is not numeric; declare it with choices: [...]")
     low, high, log, step = decl["low"], decl["high"], bool(decl.get("log", False)), decl.get("step")
     for bound, v in (("low", low), ("high", high)):
@@ -195,9 +201,12 @@ def parse_search_space(space: dict[str, Any], label: LabelConfig) -> list[Dim]:
     if not space:
         raise ConfigError("search_space is empty: declare at least one key, e.g. caa.t: {low: 1, high: 4}")
     base = label.model_dump(mode="json")
+    keys = sweepable_keys()
     for key in space:
-        if key not in SWEEPABLE:
-            raise ConfigError(f"search_space.{key}: unknown key; sweepable keys: {', '.join(SWEEPABLE)}")
+        if key not in keys:
+            replaced = REPLACED.get(tuple(key.split(".", 1)))  # type: ignore[arg-type]
+            hint = f" ({replaced}; search it as refine: {{choices: [[caa], [caa, crf]]}})" if replaced else ""
+            raise ConfigError(f"search_space.{key}: unknown key{hint}; sweepable keys: {', '.join(keys)}")
     dims: list[Dim] = []
     rule_dim = None
     if "mask.bg_rule" in space:
@@ -234,6 +243,8 @@ def resolve_params(params: dict[str, Any], base_rule: str) -> dict[str, Any]:
         key, _, when = name.partition(CONDITIONAL_SEP)
         if not when or when == rule:
             out[key] = value
+    if isinstance(out.get("refine"), str):
+        out["refine"] = [r for r in out["refine"].split(REFINE_SEP) if r]
     return out
 
 
@@ -266,6 +277,4 @@ def load_sweep_config(path: str | Path | None, overrides: list[str] | None = Non
     """Load, override, validate; the search space is checked here, before Ray starts."""
     data = read_sweep_yaml(path) if path else {}
     cfg = build_config(SweepConfig, data, overrides, source=str(path) if path else "defaults + overrides")
-    if cfg.label.cam_source != "clip_es":
-        raise ConfigError(f"label.cam_source: sweeps support clip_es, got {cfg.label.cam_source!r}")
     return cfg, parse_search_space(cfg.search_space, cfg.label)

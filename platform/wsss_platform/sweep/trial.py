@@ -1,8 +1,10 @@
 """One sweep trial: a labeling config -> pseudo masks of the subset -> objective.
 
-The trial reads the cached features (and the CAMs of its prompt setting, computing and caching
-them when it is the first to ask), refines and masks the subset chunk by chunk, and reports the
-running mIoU after each chunk so that ASHA can stop a poor trial early.
+The trial reads the cached outputs of its CAM source (features, and the CAMs of its source
+setting, computing and caching each when it is the first trial to ask), refines and masks the
+subset chunk by chunk, and reports the running mIoU after each chunk so that ASHA can stop a
+poor trial early. The objective is a function of (params, context, report): a training sweep
+plugs in its own.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ from typing import Any
 
 import torch
 
-from wsss_core.clip_es import results_for_group
 from wsss_core.masks import IGNORE
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.prompts import sharpness
+from wsss_core.types import CamOutput, PseudoMask
 from wsss_platform import storage
 from wsss_platform.config import build_config
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.preview import PreviewRow, grid
-from wsss_platform.label.stages import caa_params, device_for, load_clip, mask_params
+from wsss_platform.label.stages import build_cam_source, build_masker, class_set, device_for
 from wsss_platform.storage import StorageOptions
 from wsss_platform.sweep import cache
 from wsss_platform.sweep.config import apply_params
@@ -43,7 +45,9 @@ class TrialContext:
     report_chunks: int
     gpus: float
     locks: str | None = None
-    """Name of the actor that lets one trial per prompt setting compute its CAMs."""
+    """Name of the actor that lets one trial per cache entry compute it."""
+    aux: tuple[str, ...] = ()
+    """Every aux key the trials' refiners can read (cached with the source's outputs)."""
 
     def options(self) -> StorageOptions:
         return StorageOptions.model_validate(self.storage)
@@ -73,40 +77,37 @@ def label_config(ctx: TrialContext, params: dict[str, Any]) -> LabelConfig:
 class Scorer:
     """Confusion matrices of the raw, refined and confident-only masks, filled chunk by chunk."""
 
-    def __init__(self, cfg: LabelConfig, subset: cache.Subset, features: cache.Features, cams: cache.Cams,
-                 device: torch.device, keep: int = 0) -> None:
-        self.cfg, self.subset, self.features, self.cams, self.device = cfg, subset, features, cams, device
+    def __init__(self, cfg: LabelConfig, subset: cache.Subset, outputs: list[CamOutput], device: torch.device,
+                 keep: int = 0) -> None:
+        self.cfg, self.subset, self.outputs, self.device = cfg, subset, outputs, device
         self.keep, self.kept = keep, []  # preview rows of the first `keep` images
         self.names = ["background", *subset.class_names]
         self.cm_raw, self.cm, self.cm_conf = (ConfusionMatrix(len(self.names)) for _ in range(3))
-        self.caa, self.masks = caa_params(cfg), mask_params(cfg)
-        self.layers = min(cfg.caa.attn_layers, max(features.attn))
+        self.masker = build_masker(cfg)
         self.done = self.ignored = self.pixels = 0
         self.scored = False
 
     def add(self, upto: int) -> None:
         """Refine, mask and score images [done, upto)."""
-        s = self.subset
-        for size, idx in s.groups(self.done, upto).items():
-            attn = torch.stack([self.features.attn[self.layers][i] for i in idx]).to(self.device, torch.float32)
-            group = results_for_group([self.cams.cams[i].to(self.device) for i in idx], attn, [s.labels[i] for i in idx],
-                                      size, self.caa, self.masks, cache.np_images(s, idx) if self.masks.crf else None)
-            for i, r in zip(idx, group, strict=True):
-                if i < self.keep:
-                    self.kept.append(self._row(i, r))
-                conf = r.mask_conf
-                self.ignored += int((conf == IGNORE).sum())
-                self.pixels += conf.numel()
-                gt = s.masks[i]
-                if gt is None:
-                    continue
-                self.scored = True
-                self.cm_raw.update(r.mask_raw, gt)
-                self.cm.update(r.mask, gt)
-                self.cm_conf.update(r.mask, torch.where(conf == IGNORE, torch.full_like(gt, IGNORE), gt))
+        s, idx = self.subset, list(range(self.done, upto))
+        outs = [CamOutput(o.labels, o.cams.to(self.device), o.scores, o.aux) for o in (self.outputs[i] for i in idx)]
+        images = [s.images[i].numpy() for i in idx] if self.masker.needs_image else None
+        for i, r in zip(idx, self.masker(outs, [tuple(s.images[i].shape[:2]) for i in idx], images), strict=True):
+            if i < self.keep:
+                self.kept.append(self._row(i, r))
+            conf = r.mask_conf
+            self.ignored += int((conf == IGNORE).sum())
+            self.pixels += conf.numel()
+            gt = s.masks[i]
+            if gt is None:
+                continue
+            self.scored = True
+            self.cm_raw.update(r.mask_raw, gt)
+            self.cm.update(r.mask, gt)
+            self.cm_conf.update(r.mask, torch.where(conf == IGNORE, torch.full_like(gt, IGNORE), gt))
         self.done = upto
 
-    def _row(self, i: int, r) -> PreviewRow:
+    def _row(self, i: int, r: PseudoMask) -> PreviewRow:
         s, gt = self.subset, self.subset.masks[i]
         return PreviewRow(s.ids[i], s.images[i].numpy(), r.refined.float().cpu().numpy(),
                           [self.names[c] for c in s.labels[i]], r.mask_conf.cpu().numpy(),
@@ -120,30 +121,43 @@ class Scorer:
         return out
 
 
-def _cams_for(cfg: LabelConfig, ctx: TrialContext, subset: cache.Subset, features: cache.Features,
-              device: torch.device) -> tuple[cache.Cams, bool]:
-    """This prompt setting's CAMs: from the cache, else computed (one trial per setting) and cached."""
+def _cached(uri: str, ctx: TrialContext, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """A cache entry: from memory or storage, else computed by one trial (the others wait) and saved.
+    Returns (value, whether it was cached)."""
     opts = ctx.options()
-    uri = cache.cams_uri(ctx.output, cache.prompt_key(cfg))
     if uri in _MEMO or storage.exists(uri, opts):
-        return _memo(uri, lambda: cache.load_cams(uri, opts)), True
+        return _memo(uri, lambda: cache.load(uri, opts)), True
     locks = _locks(ctx)
     claimed = locks is None or _ray_get(locks.claim.remote(uri))
     if not claimed:
-        _ray_get(locks.wait.remote(uri, CLAIM_WAIT_S))  # on timeout: compute them here
+        _ray_get(locks.wait.remote(uri, CLAIM_WAIT_S))  # on timeout: compute it here
         if storage.exists(uri, opts):
-            return _memo(uri, lambda: cache.load_cams(uri, opts)), True
+            return _memo(uri, lambda: cache.load(uri, opts)), True
     try:
-        model_key = f"model:{cfg.model.name}|{cfg.model.pretrained}|{device}"
-        vit = _memo(model_key, lambda: load_clip(cfg, device))
-        es = cache.clip_es(cfg, subset.class_names, device, vit)
-        cams = cache.compute_cams(es, subset, features, cfg.compute.batch_size)
-        cache.save_cams(cams, uri, opts)
-        _memo(uri, lambda: cams)
+        value = compute()
+        cache.save(value, uri, opts)
+        _memo(uri, lambda: value)
     finally:
         if locks is not None and claimed:
             _ray_get(locks.release.remote(uri))
-    return cams, False
+    return value, False
+
+
+def source_outputs(cfg: LabelConfig, ctx: TrialContext, subset: cache.Subset,
+                   device: torch.device) -> tuple[list[CamOutput], list[torch.Tensor], bool]:
+    """The CAM source's outputs for the subset from the caches: (outputs, class scores, whether
+    this setting's CAMs were cached). A source in two stages caches its features apart."""
+    def source():
+        return build_cam_source(cfg, class_set(subset.class_names, cfg), device)
+
+    bs, aux = cfg.compute.batch_size, ctx.aux
+    features = None
+    if cache.is_staged(cfg):
+        features, _ = _cached(cache.features_uri(ctx.output, cfg), ctx,
+                              lambda: cache.compute_features(source(), subset, aux, bs))
+    cams, hit = _cached(cache.cams_uri(ctx.output, cfg), ctx,
+                        lambda: cache.compute_cams(source(), subset, features, aux, bs))
+    return cache.outputs_from(subset, cams, features, aux), [c["scores"] for c in cams], hit
 
 
 def _locks(ctx: TrialContext):
@@ -166,15 +180,14 @@ def evaluate(params: dict[str, Any], ctx: TrialContext, report) -> dict[str, Any
     device = device_for(ctx.gpus)
     opts = ctx.options()
     t0 = time.perf_counter()
-    s_uri, f_uri = cache.subset_uri(ctx.output), cache.features_uri(ctx.output)
+    s_uri = cache.subset_uri(ctx.output)
     subset = _memo(s_uri, lambda: cache.load_subset(s_uri, opts))
-    features = _memo(f_uri, lambda: cache.load_features(f_uri, opts))
-    cams, hit = _cams_for(cfg, ctx, subset, features, device)
+    outputs, scores, hit = source_outputs(cfg, ctx, subset, device)
     t_cams = time.perf_counter() - t0
-    sharp = sharpness([s for s in cams.scores if s.numel()]) if any(s.numel() for s in cams.scores) else float("nan")
+    sharp = sharpness([s for s in scores if s.numel()]) if any(s.numel() for s in scores) else float("nan")
     n = len(subset.ids)
     chunks = ctx.report_chunks if ctx.objective == "miou" else 1
-    scorer = Scorer(cfg, subset, features, cams, device)
+    scorer = Scorer(cfg, subset, outputs, device)
     t_refine = 0.0
     metrics: dict[str, Any] = {}
     for upto in sorted({max(1, round(n * (c + 1) / chunks)) for c in range(chunks)}):
@@ -194,12 +207,11 @@ def preview(params: dict[str, Any], ctx: TrialContext, n: int) -> bytes | None:
     from the caches (no network runs); None when its CAMs are not cached."""
     cfg = label_config(ctx, params)
     opts = ctx.options()
-    uri = cache.cams_uri(ctx.output, cache.prompt_key(cfg))
-    if n <= 0 or not storage.exists(uri, opts):
+    if n <= 0 or not storage.exists(cache.cams_uri(ctx.output, cfg), opts):
         return None
     subset = cache.load_subset(cache.subset_uri(ctx.output), opts)
-    features = cache.load_features(cache.features_uri(ctx.output), opts)
-    scorer = Scorer(cfg, subset, features, cache.load_cams(uri, opts), torch.device("cpu"), keep=n)
+    outputs, _, _ = source_outputs(cfg, ctx, subset, torch.device("cpu"))
+    scorer = Scorer(cfg, subset, outputs, torch.device("cpu"), keep=n)
     scorer.add(min(n, len(subset.ids)))
     order = {image_id: k for k, image_id in enumerate(subset.ids)}
     return grid(sorted(scorer.kept, key=lambda row: order[row.image_id]))

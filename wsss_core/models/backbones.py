@@ -1,0 +1,156 @@
+"""Image backbones shared by the segmenter, ToCo and AffinityNet: a timm model (CNN or ViT) or the
+visual tower of an open_clip model, with one interface and positional embeddings resized to any grid.
+
+    bb = create_backbone("resnet50", pretrained="timm", output_stride=16)
+    bb = create_backbone("vit_base_patch16_224", pretrained="none", out_indices=(-4, -1))
+    bb = create_backbone("open_clip:ViT-B-16", pretrained="openai")        # or open_clip:<config.json>
+    feats = bb(pixels)   # [B, 3, H, W] normalised with bb.mean / bb.std -> [B, C_i, h_i, w_i] each
+
+Letters: B images, D width, (h, w) the grid, N = h·w patches, P prefix tokens (CLS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss_core.models.weights import WeightsSource, is_weights_file, load_weights
+
+OPEN_CLIP_PREFIX = "open_clip:"
+
+
+def resize_pos_embed(pos: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int],
+                     num_prefix: int = 1) -> torch.Tensor:
+    """Positional embedding for another patch grid: prefix rows kept, the grid part bilinear.
+
+    Args:
+        pos: [P + h0·w0, D]; src_grid: (h0, w0); dst_grid: (h, w); num_prefix: P.
+
+    Returns:
+        [P + h·w, D] in ``pos``'s dtype (``pos`` itself when the grids agree).
+    """
+    if tuple(src_grid) == tuple(dst_grid):
+        return pos
+    prefix, patch = pos[:num_prefix], pos[num_prefix:]
+    grid = patch.reshape(1, *src_grid, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(dst_grid), mode="bilinear", align_corners=False)
+    return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(dst_grid[0] * dst_grid[1], -1).to(pos.dtype)])
+
+
+def pad_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad [B, 3, H, W] at the bottom and right to multiples of ``multiple``."""
+    h, w = pixels.shape[-2:]
+    return F.pad(pixels, (0, -w % multiple, 0, -h % multiple))
+
+
+class Backbone(nn.Module):
+    """``forward(pixels [B, 3, H, W]) -> list of [B, C_i, h_i, w_i]`` (the chosen stages or blocks).
+
+    Attributes: ``channels`` (C_i), ``stride`` (of the last map), ``mean``/``std`` (the
+    normalisation its weights expect, RGB in [0, 1]), ``patch_size`` (ViTs; 0 for CNNs).
+    """
+
+    channels: list[int]
+    stride: int
+    patch_size: int = 0
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class TimmBackbone(Backbone):
+    """A timm CNN through ``features_only`` (dilated to ``output_stride``), or a timm ViT through its
+    blocks' patch tokens reshaped to the grid (``dynamic_img_size``: any input size, padded)."""
+
+    def __init__(self, name: str, pretrained: WeightsSource = None, output_stride: int = 16,
+                 out_indices: Sequence[int] = (-1,)) -> None:
+        import timm
+
+        super().__init__()
+        use_timm = pretrained == "timm"
+        with torch.device("meta"):  # learn the model's kind without building real weights
+            probe = timm.create_model(name, pretrained=False, num_classes=0)
+        self.is_vit = hasattr(probe, "blocks") and hasattr(probe, "patch_embed")
+        if self.is_vit:
+            self.model = timm.create_model(name, pretrained=use_timm, num_classes=0, dynamic_img_size=True,
+                                           dynamic_img_pad=True)
+            depth = len(self.model.blocks)
+            self.indices = [i % depth for i in out_indices]
+            self.channels = [int(self.model.embed_dim)] * len(self.indices)
+            self.patch_size = self.stride = int(self.model.patch_embed.patch_size[0])
+        else:
+            n_stages = len(probe.feature_info) if hasattr(probe, "feature_info") else 5
+            idx = tuple(i % n_stages for i in out_indices)
+            self.model = timm.create_model(name, pretrained=use_timm, features_only=True, out_indices=idx,
+                                           output_stride=output_stride)
+            self.channels = list(self.model.feature_info.channels())
+            self.stride = int(self.model.feature_info.reduction()[-1])
+        cfg = self.model.pretrained_cfg
+        self.mean, self.std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        if is_weights_file(pretrained):
+            load_weights(self.model, pretrained, name)
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        if self.is_vit:
+            return list(self.model.forward_intermediates(pixels, indices=self.indices, output_fmt="NCHW",
+                                                         intermediates_only=True))
+        return list(self.model(pixels))
+
+
+class OpenClipBackbone(Backbone):
+    """The visual tower of an open_clip ViT: patch tokens of the chosen blocks reshaped to the grid,
+    the positional embedding resized to each input's grid (input padded to the patch size)."""
+
+    def __init__(self, name: str, pretrained: WeightsSource = None, out_indices: Sequence[int] = (-1,)) -> None:
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        from wsss_core.models.clip import create_clip
+
+        super().__init__()
+        model, _ = create_clip(name, pretrained)
+        v = model.visual
+        if not hasattr(v, "transformer") or not hasattr(v, "conv1"):
+            raise ValueError(f"{name}: the open_clip backbone needs a ViT image tower (visual.conv1 + transformer)")
+        self.visual = v.train()
+        self.blocks = v.transformer.resblocks
+        depth = len(self.blocks)
+        self.indices = sorted(i % depth for i in out_indices)
+        width = int(v.conv1.out_channels)
+        self.channels = [width] * len(self.indices)
+        self.patch_size = self.stride = int(v.conv1.kernel_size[0])
+        self.base_grid = tuple(int(g) for g in v.grid_size)
+        self.mean = tuple(getattr(v, "image_mean", None) or OPENAI_DATASET_MEAN)
+        self.std = tuple(getattr(v, "image_std", None) or OPENAI_DATASET_STD)
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        v = self.visual
+        x = v.conv1(pad_to_multiple(pixels, self.patch_size).to(v.conv1.weight.dtype))
+        b, d, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([v.class_embedding.to(x.dtype).expand(b, 1, -1), x], dim=1)
+        x = v.ln_pre(x + resize_pos_embed(v.positional_embedding, self.base_grid, (gh, gw)).to(x.dtype))
+        out = []
+        for i, block in enumerate(self.blocks[: self.indices[-1] + 1]):
+            x = block(x)
+            if i in self.indices:
+                out.append(x[:, 1:].transpose(1, 2).reshape(b, d, gh, gw))
+        return out
+
+
+def create_backbone(name: str, pretrained: WeightsSource = None, *, output_stride: int = 16,
+                    out_indices: Sequence[int] = (-1,)) -> Backbone:
+    """A timm model by name, or an open_clip visual tower as ``open_clip:<name or config JSON>``.
+
+    Args:
+        pretrained: ``none`` (random), a weights file (path/bytes), ``timm``/``true`` (timm's own
+            pretrained weights) or an open_clip tag (``openai``) for ``open_clip:`` names.
+        output_stride: CNNs only (8 or 16: the last stages dilated, DeepLab-style).
+        out_indices: which stages (CNN) or blocks (ViT) to return, negative from the end.
+    """
+    if name.startswith(OPEN_CLIP_PREFIX):
+        return OpenClipBackbone(name[len(OPEN_CLIP_PREFIX):], pretrained, out_indices)
+    if isinstance(pretrained, str) and pretrained.strip().lower() in ("true", "timm"):
+        pretrained = "timm"
+    return TimmBackbone(name, pretrained, output_stride, out_indices)

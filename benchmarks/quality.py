@@ -1,6 +1,6 @@
 """Pseudo-mask quality on ../shared/benchmarks/synthshapes/dev: CLIP-ES (Softmax-GradCAM) side by side
-with the reference figures of its README (per-class-backward implementation, CPU, float32), raw and
-with CAA.
+with the reference figures of its README (per-class-backward implementation, CPU, float32), and
+plain GradCAM on the same CLIP, the CLIP-ES paper's baseline, each raw and with CAA.
 
     python benchmarks/quality.py [--limit N] [--attn-layers L]
 """
@@ -28,7 +28,7 @@ REFERENCE = {
     "Softmax-GradCAM": (0.491, 0.523, 0.526, 0.480, 0.394),
     "Softmax-GradCAM + CAA": (0.477, 0.516, 0.552, 0.567, 0.542),
 }
-SOURCES = {"clip_es": "Softmax-GradCAM"}
+SOURCES = {"gradcam": "GradCAM", "clip_es": "Softmax-GradCAM"}
 
 
 def load_synthshapes(root: Path, limit: int | None = None):

@@ -15,8 +15,8 @@ from wsss_core.refine import caa
 
 
 def reference_cams(vit: ClipViT, fg: torch.Tensor, bg: torch.Tensor, image: np.ndarray, labels: list[int],
-                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-class Softmax-GradCAM for one image.
+                   dtype: torch.dtype | None = None, softmax: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class Softmax-GradCAM for one image (``softmax=False``: plain GradCAM of the logit).
 
     Returns:
         cams [K, h, w] min–max normalised, scores [K] (softmax of the present classes),
@@ -46,8 +46,9 @@ def reference_cams(vit: ClipViT, fg: torch.Tensor, bg: torch.Tensor, image: np.n
         for j in range(len(labels)):
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 emb = F.normalize(visual(pixels).float(), dim=-1)
-            s = (vit.logit_scale * emb @ text.T).softmax(-1)
-            s[0, j].backward()
+            logits = vit.logit_scale * emb @ text.T
+            s = logits.softmax(-1)
+            (s if softmax else logits)[0, j].backward()
             a, grad = captured["A"][0, 1:].float(), captured["A"].grad[0, 1:].float()
             cam = (a * grad.mean(0)).sum(-1).relu()
             cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-7)

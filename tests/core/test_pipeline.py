@@ -56,7 +56,7 @@ def checker():
 
 
 def test_registries_list_the_builtins_and_build_with_keywords():
-    assert {"clip_es"} <= set(CAM_SOURCES.names()) and {"caa", "crf"} <= set(REFINERS.names())
+    assert {"clip_es", "gradcam"} <= set(CAM_SOURCES.names()) and {"caa", "crf"} <= set(REFINERS.names())
     caa = create_refiner("caa", attn_layers=4, t=3)
     assert isinstance(caa, Refiner) and caa.t == 3 and caa.aux_keys == {"attn/4"}
     with pytest.raises(KeyError, match=r"unknown refiner 'cfr'; known: caa, crf"):
@@ -69,7 +69,7 @@ def test_impossible_pairings_are_refused_naming_both(checker):
     check_pipeline("clip_es", ["caa", "crf"])
     check_pipeline("test_checker", ["test_halve"])
     with pytest.raises(ValueError, match=r"refiner 'caa' needs attn .* CAM source 'test_checker' does not provide it"
-                                         r".*sources that can feed 'caa': clip_es"):
+                                         r".*sources that can feed 'caa': clip_es, gradcam"):
         check_pipeline("test_checker", ["caa"])
     with pytest.raises(ValueError, match=r"'caa' works on CAMs and must come before 'crf'"):
         check_pipeline("clip_es", ["crf", "caa"])

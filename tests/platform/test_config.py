@@ -88,7 +88,7 @@ def test_label_sections_default_to_the_core_defaults():
     ("mask.crf_iterations=5", "mask.crf_iterations: moved to crf.iterations"),
     ("refine=caa", "refine: a list of refiner names now, e.g. refine: [caa, crf] or [caa]"),
     ("refine=[crf, caa]", "cam_source=clip_es with refine=['crf', 'caa']: refiner 'caa' works on CAMs and must come before 'crf'"),
-    ("cam_source=toco", "cam_source: unknown CAM source 'toco'; known: clip_es"),
+    ("cam_source=toco", "cam_source: unknown CAM source 'toco'; known: clip_es, gradcam"),
     ("refine=[caa, par]", "refine: unknown refiner(s) ['par']; known: caa, crf"),
 ])
 def test_old_and_impossible_label_configs_fail_naming_the_key(override, needle):

@@ -169,3 +169,18 @@ def test_datasetconfig_rejects_unknown_layout():
     with pytest.raises(ConfigError, match=r"dataset\.layout"):
         build_config(LabelConfig, {}, ["dataset.layout=kitti"])
     assert DatasetConfig().layout == "voc"
+
+
+def test_label_with_gradcam_caa_and_crf(tmp_path, ray_local, monkeypatch):
+    """A second CAM source through the same job: GradCAM on CLIP, refined by CAA then the CRF."""
+    pytest.importorskip("pydensecrf.densecrf")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_demo_dataset(str(tmp_path / "voc"), "voc", 6, seed=13)
+    cfg = label_config(str(tmp_path / "voc"), str(tmp_path / "out"),
+                       extra=("cam_source=gradcam", "refine=[caa, crf]", "tracking.enabled=false", "cache=full"))
+    summary = run_label(cfg)
+    check_outputs(cfg, summary)
+    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_json["settings"]["cam_source"] == "gradcam" and run_json["settings"]["refine"] == ["caa", "crf"]
+    assert run_json["settings"]["crf"]["iterations"] == 10

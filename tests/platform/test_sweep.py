@@ -266,3 +266,27 @@ def test_sweep_on_s3(s3_bucket, ray_local, tmp_path, monkeypatch):
     bigger = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"num_trials": 4})})
     with pytest.raises(ConfigError, match=r"holds a sweep made with other settings \(changed: tune\.num_trials \(3 -> 4\)\)"):
         run_sweep(bigger, dims)
+
+
+@pytest.mark.slow
+def test_sweep_over_cam_sources_and_refiner_lists(tmp_path, ray_local, monkeypatch):
+    """cam_source and refine are dimensions: clip_es and gradcam, with CAA and with CAA + CRF, each
+    setting once; the two CLIP sources share one feature cache and have a CAM cache each."""
+    pytest.importorskip("pydensecrf.densecrf")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    write_demo_dataset(str(tmp_path / "voc"), "voc", 10, seed=21)
+    path = sweep_file(tmp_path, tmp_path / "voc", subset={"num_images": 4}, tune={"max_concurrent_trials": 1})
+    doc = yaml.safe_load(path.read_text())
+    doc["search_space"] = {"cam_source": {"choices": ["clip_es", "gradcam"]}, "refine": {"choices": [["caa"], ["caa", "crf"]]}}
+    path.write_text(yaml.safe_dump(doc))
+    cfg, dims = load_sweep_config(path)
+    summary = run_sweep(cfg, dims)
+    assert summary.num_trials == 4 and summary.complete + summary.stopped == 4 and summary.errored == 0
+    rows = list(csv.DictReader((tmp_path / "sweep" / "trials.csv").open()))
+    assert {(r["param:cam_source"], r["param:refine"]) for r in rows} == {
+        ("clip_es", "caa"), ("clip_es", "caa+crf"), ("gradcam", "caa"), ("gradcam", "caa+crf")}
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "sweep" / "cache").glob("*-*.pt"))
+    assert cached == ["cams", "cams", "features"]
+    best = load_config(LabelConfig, tmp_path / "sweep" / "best.yaml")
+    assert best.cam_source == summary.best_params["cam_source"] and isinstance(best.refine, list)

@@ -150,3 +150,23 @@ def test_seeded_searcher_proposes_the_same_trials_and_respects_conditions(tmp_pa
         assert low <= p[f"mask.bg_value:{rule}"] <= high and p["caa.t"] in (1, 2, 3, 4)
     other = proposals(cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"seed": 8})}))
     assert other != a
+
+
+def test_sources_and_refiner_lists_are_dimensions(tmp_path):
+    """cam_source and refine are searched like any key; a refine choice is a list in the config."""
+    from wsss_platform.sweep import cache
+    from wsss_platform.sweep.config import apply_params
+
+    cfg, dims = load_sweep_config(write(tmp_path, {"cam_source": {"choices": ["clip_es", "gradcam"]},
+                                                   "refine": {"choices": [["caa"], ["caa", "crf"], []]},
+                                                   "caa.attn_layers": {"choices": [2, 3]}}))
+    by_key = {d.key: d for d in dims}
+    assert by_key["refine"].choices == ("caa", "caa+crf", "")
+    label = apply_params(cfg.label.model_dump(mode="json"), {"refine": "caa+crf", "cam_source": "gradcam"})
+    built = build_config(LabelConfig, label)
+    assert built.refine == ["caa", "crf"] and built.cam_source == "gradcam"
+    assert build_config(LabelConfig, apply_params(label, {"refine": ""})).refine == []
+    assert cache.aux_needed(cfg.label, dims) == ["attn/2", "attn/3"]  # L is searched: the base 8 is never used
+    # the two CLIP sources share one feature cache, not one CAM cache
+    a, b = cfg.label, build_config(LabelConfig, label)
+    assert cache.features_uri("o", a) == cache.features_uri("o", b) and cache.cams_uri("o", a) != cache.cams_uri("o", b)

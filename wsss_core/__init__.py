@@ -6,5 +6,7 @@ and refiners by name, ``create_cam_source``/``create_refiner``, ``check_pipeline
 (any source × any refiners -> pseudo mask + confidence), ``maps`` (normalise, upsample, pad, group
 by size), ``masks`` (background rules, argmax, confidence), ``classes``, ``prompts``, ``metrics``;
 ``cams.*`` (``clip_es``: Softmax-GradCAM on CLIP, ``gradcam``), ``refine.*`` (``caa``, ``crf``),
-``models.*`` (``clip``: the CLIP ViT, ``backbones``: timm / open_clip towers, ``weights``).
+``models.*`` (``clip``: the CLIP ViT, ``backbones``: timm / open_clip towers, ``weights``,
+``segmenter``: DeepLab-style ASPP / LargeFOV), ``losses`` (``cgl_loss``), ``inference``
+(multi-scale + flip).
 """

@@ -44,6 +44,13 @@ def check_outputs(cfg: LabelConfig, summary) -> None:
             assert im.mode == "P" and im.size == (row.image.shape[1], row.image.shape[0])
             written = np.asarray(im)
         assert set(np.unique(written)) <= {0, 255, *row.labels}
+        # the uncut pseudo mask and the confidence give back the written mask for this mu (any mu, later)
+        with Image.open(io.BytesIO(storage.read_bytes(outputs.pseudo_uri(cfg.output, image_id)))) as im:
+            pseudo = np.asarray(im)
+        conf = outputs.decode_confidence_png(storage.read_bytes(outputs.confidence_uri(cfg.output, image_id)))
+        assert set(np.unique(pseudo)) <= {0, *row.labels} and conf.shape == pseudo.shape and conf.min() >= 0.5
+        clear = np.abs(conf - cfg.mask.mu) > 1 / 255  # away from the rounding of the 8-bit confidence
+        assert np.array_equal(np.where(conf < cfg.mask.mu, 255, pseudo)[clear], written[clear])
         if cfg.cache == "none":
             assert not storage.exists(outputs.cams_uri(cfg.output, image_id))
             continue

@@ -107,6 +107,10 @@ class Labeler:
             aux = {k: v.numpy() for k, v in res.aux.items()} if self.cfg.cache == "full" else {}
             storage.write_bytes(outputs.cams_uri(out, image_id), outputs.encode_cams(
                 res.cams.numpy(), res.labels, size, res.class_scores.numpy(), aux), opts)
+        storage.write_bytes(outputs.pseudo_uri(out, image_id), encode_mask_png(res.mask.numpy()), opts)
+        storage.write_bytes(outputs.confidence_uri(out, image_id), outputs.encode_confidence_png(res.confidence.numpy()),
+                            opts)
+        # the ready-to-use mask last: a reader that finds it finds the others
         storage.write_bytes(outputs.mask_uri(out, image_id), encode_mask_png(res.mask_conf.numpy()), opts)
 
     def _results(self, batch: dict[str, np.ndarray], idx: list[int], errors: list[str]) -> dict[int, Any]:

@@ -22,7 +22,7 @@ from wsss_platform.storage import StorageOptions
 PARTS = "manifest-parts"
 AUX_PREFIX = "aux/"
 INFLIGHT = "inflight"
-RESULTS = ("masks", "cams", PARTS, INFLIGHT, "manifest.parquet")
+RESULTS = ("masks", "pseudo", "confidence", "cams", PARTS, INFLIGHT, "manifest.parquet")
 
 MANIFEST_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -46,7 +46,34 @@ MANIFEST_SCHEMA = pa.schema([
 
 
 def mask_uri(output: str, image_id: str) -> str:
+    """The ready-to-use label: the pseudo mask with 255 where confidence < mask.mu."""
     return storage.join(output, "masks", f"{image_id}.png")
+
+
+def pseudo_uri(output: str, image_id: str) -> str:
+    """The pseudo mask before the confidence cut (any mu can be applied later with ``confidence/``)."""
+    return storage.join(output, "pseudo", f"{image_id}.png")
+
+
+def confidence_uri(output: str, image_id: str) -> str:
+    return storage.join(output, "confidence", f"{image_id}.png")
+
+
+def encode_confidence_png(conf: np.ndarray) -> bytes:
+    """float [H, W] in [0, 1] -> 8-bit grayscale PNG of round(255 · Conf)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(conf, 0, 1) * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_confidence_png(data: bytes) -> np.ndarray:
+    """The PNG of :func:`encode_confidence_png` -> float32 [H, W] in [0, 1] (steps of 1/255)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im, dtype=np.float32) / 255.0
 
 
 def cams_uri(output: str, image_id: str) -> str:

@@ -194,6 +194,38 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if summary.best_yaml else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from wsss_platform.config import load_config
+    from wsss_platform.train.config import TrainConfig
+    from wsss_platform.train.job import run_train
+
+    flags = {"dataset.uri": args.dataset, "dataset.layout": args.layout, "dataset.split": args.split,
+             "train.pseudo_masks": args.pseudo_masks, "output": args.output, "ray_address": args.address}
+    cfg = load_config(TrainConfig, args.config, [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides)
+    summary = run_train(cfg)
+    if summary.run_url:
+        print_run_url("wsss train", summary.run_url)
+    return 0
+
+
+def _add_train_commands(sub) -> None:
+    """`wsss train segmenter …` (ToCo and AffinityNet recipes come beside it)."""
+    tr = sub.add_parser("train", help="train a model with Ray Train")
+    _describe(tr, "train")
+    rsub = tr.add_subparsers(dest="recipe", required=True)
+    p = rsub.add_parser("segmenter", help="the final segmenter on pseudo masks, with the confidence-guided loss")
+    _describe(p, "train")
+    p.add_argument("--config", help="YAML config (see jobs/configs/*train*.yaml); omitted: the embedded defaults")
+    p.add_argument("--dataset", help="dataset root URI (dataset.uri)")
+    p.add_argument("--layout", choices=["voc", "coco"], help="dataset.layout")
+    p.add_argument("--split", help="dataset.split to train on")
+    p.add_argument("--pseudo-masks", help="a `wsss label` output, or none for the ground truth (train.pseudo_masks)")
+    p.add_argument("--output", help="checkpoints and run state, local or s3:// (output)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.mu=0.9")
+    p.set_defaults(func=cmd_train)
+
+
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     add_job_args(p, "label.dataset", "sweep YAML (see jobs/configs/*sweep*.yaml)", "output URI of the sweep (output)",
                  "start over in an output that holds a sweep", "tune.seed=3")
@@ -268,6 +300,11 @@ ABOUT = {
               "<output>/best.yaml. Labeling keys are under label. (label.caa.t=3).",
               ["wsss sweep --config jobs/configs/synthshapes-sweep.yaml",
                "wsss sweep --config my-sweep.yaml --dataset s3://bucket/VOC2012 --output s3://bucket/sweeps/voc-1"]),
+    "train": ("Train the segmenter on pseudo masks (a `wsss label` output) with CLIP-ES's confidence-guided loss on\n"
+              "Ray Train: DDP over compute.num_workers, checkpoints in --output, resumed by running it again.",
+              ["wsss train segmenter --config jobs/configs/synthshapes-train.yaml",
+               "wsss train segmenter --dataset s3://bucket/VOC2012 --pseudo-masks s3://bucket/clip-es-voc "
+               "--output s3://bucket/seg-1 train.mu=0.95"]),
     "submit": ("Submit a job to a running Ray cluster through its Job Submission API.",
                ["wsss submit label --address http://HEAD:8265 --config jobs/configs/voc.yaml --follow"]),
     "jobs": ("Follow or stop a job submitted with `wsss submit`.", ["wsss jobs logs raysubmit_123 --address http://HEAD:8265"]),
@@ -362,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=cmd_sweep)
     _describe(sw, "sweep")
 
+    _add_train_commands(sub)
     _add_cluster_commands(sub)
 
     dm = sub.add_parser("demo", help="run the end-to-end demo on generated data (what `make demo` runs)")

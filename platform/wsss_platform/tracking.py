@@ -95,8 +95,10 @@ class JobRun:
     exception, or :meth:`fail`) or KILLED (Ctrl-C, SIGTERM)."""
 
     def __init__(self, experiment: str, name: str, tags: dict[str, str], description: str = "",
-                 params: dict[str, Any] | None = None, parent_run_id: str | None = None) -> None:
+                 params: dict[str, Any] | None = None, parent_run_id: str | None = None,
+                 resume_run_id: str | None = None) -> None:
         self.experiment, self.name, self.description = experiment, name, description
+        self.resume = resume_run_id
         self.tags = {k: str(v) for k, v in tags.items() if v is not None}
         self.params, self.parent = params or {}, parent_run_id
         self.status = "FINISHED"
@@ -108,6 +110,8 @@ class JobRun:
 
         self.experiment_id = setup(self.experiment)
         self.client = MlflowClient(tracking_uri())
+        if self.resume and self._reopen(self.resume):
+            return self
         tags = self.tags | ({"mlflow.note.content": self.description} if self.description else {})
         if self.parent:
             tags["mlflow.parentRunId"] = self.parent
@@ -117,6 +121,17 @@ class JobRun:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params a call
             self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in items[i:i + 100]])
         return self
+
+    def _reopen(self, run_id: str) -> bool:
+        """Continue an earlier run of the same job (a resumed training): RUNNING again, params kept."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # deleted, or another tracking store: start a new run
+            return False
+        self.run_id = run.info.run_id
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.client.set_tag(self.run_id, "wsss.resumed", "true")
+        return True
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:

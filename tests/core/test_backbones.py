@@ -53,3 +53,11 @@ def test_weights_file_and_wrong_weights(tmp_path):
     torch.save({"nope": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="weights do not fit resnet18"):
         create_backbone("resnet18", str(tmp_path / "bad.pt"))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "open_clip:tiny"])
+def test_every_parameter_takes_part(name):
+    """DDP needs each parameter in the loss: nothing past the last returned block (norms, heads)."""
+    bb = create_backbone(name, "none", out_indices=(1,) if "resnet" not in name else (-1,))
+    sum(f.sum() for f in bb(torch.randn(1, 3, 64, 64))).backward()
+    assert [n for n, p in bb.named_parameters() if p.grad is None] == []

@@ -75,3 +75,23 @@ def test_multiscale_flip_inference():
     torch.testing.assert_close(multi.sum(1), torch.ones(1, 64, 80))
     mirrored = predict_probs(model, pixels.flip(-1), scales=(0.5, 1.0, 1.5), flip=True).flip(-1)
     torch.testing.assert_close(multi, mirrored, atol=1e-5, rtol=0)  # flip-averaged: mirror-equivariant
+
+
+def test_augmentation_moves_image_mask_and_confidence_together():
+    import numpy as np
+
+    from wsss_core.augment import random_scale_crop_flip
+
+    rng = np.random.default_rng(0)
+    h, w = 37, 53
+    code = (np.arange(h)[:, None] * w + np.arange(w)[None]) % 250  # every pixel its own value
+    image = np.repeat(code[..., None], 3, -1).astype(np.uint8)
+    mask, conf = code.astype(np.uint8), (code + 1).astype(np.uint8)
+    for _ in range(20):
+        im, m, c = random_scale_crop_flip(image, mask, conf, 32, (0.5, 1.5), rng)
+        assert im.shape == (32, 32, 3) and m.shape == c.shape == (32, 32)
+        real = m != 255
+        assert real.any() and (c[~real] == 0).all()  # padding: ignored, zero confidence
+        assert np.array_equal(c[real], m[real] + 1)  # both nearest: the same pixels
+    im, m, c = random_scale_crop_flip(image, mask, conf, 32, (1.0, 1.0), rng)  # no rescale: the image too
+    assert np.array_equal(im[..., 0][m != 255], m[m != 255])

@@ -63,6 +63,10 @@ def test_example_configs_load(name, monkeypatch):
     if "sweep" in name:
         cfg, dims = load_sweep_config(path)
         assert dims and cfg.label.cam_source == "clip_es"
+    elif "train" in name:
+        from wsss_platform.train.config import TrainConfig
+
+        assert load_config(TrainConfig, path).model.backbone
     else:
         assert load_config(LabelConfig, path).model.name
 

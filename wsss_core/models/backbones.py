@@ -78,6 +78,8 @@ class TimmBackbone(Backbone):
                                            dynamic_img_pad=True)
             depth = len(self.model.blocks)
             self.indices = [i % depth for i in out_indices]
+            # every parameter must take part in the loss (DDP): no blocks past the last used, no final norm, no head
+            self.model.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
             self.channels = [int(self.model.embed_dim)] * len(self.indices)
             self.patch_size = self.stride = int(self.model.patch_embed.patch_size[0])
         else:
@@ -113,26 +115,28 @@ class OpenClipBackbone(Backbone):
         v = model.visual
         if not hasattr(v, "transformer") or not hasattr(v, "conv1"):
             raise ValueError(f"{name}: the open_clip backbone needs a ViT image tower (visual.conv1 + transformer)")
-        self.visual = v.train()
-        self.blocks = v.transformer.resblocks
-        depth = len(self.blocks)
+        depth = len(v.transformer.resblocks)
         self.indices = sorted(i % depth for i in out_indices)
+        # only what the tokens go through (DDP wants every parameter in the loss): no ln_post / proj / head
+        self.conv1, self.ln_pre = v.conv1, v.ln_pre
+        self.class_embedding, self.positional_embedding = v.class_embedding, v.positional_embedding
+        self.blocks = nn.ModuleList(list(v.transformer.resblocks)[: self.indices[-1] + 1])
         width = int(v.conv1.out_channels)
         self.channels = [width] * len(self.indices)
         self.patch_size = self.stride = int(v.conv1.kernel_size[0])
         self.base_grid = tuple(int(g) for g in v.grid_size)
         self.mean = tuple(getattr(v, "image_mean", None) or OPENAI_DATASET_MEAN)
         self.std = tuple(getattr(v, "image_std", None) or OPENAI_DATASET_STD)
+        self.train()
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        v = self.visual
-        x = v.conv1(pad_to_multiple(pixels, self.patch_size).to(v.conv1.weight.dtype))
+        x = self.conv1(pad_to_multiple(pixels, self.patch_size).to(self.conv1.weight.dtype))
         b, d, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([v.class_embedding.to(x.dtype).expand(b, 1, -1), x], dim=1)
-        x = v.ln_pre(x + resize_pos_embed(v.positional_embedding, self.base_grid, (gh, gw)).to(x.dtype))
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(b, 1, -1), x], dim=1)
+        x = self.ln_pre(x + resize_pos_embed(self.positional_embedding, self.base_grid, (gh, gw)).to(x.dtype))
         out = []
-        for i, block in enumerate(self.blocks[: self.indices[-1] + 1]):
+        for i, block in enumerate(self.blocks):
             x = block(x)
             if i in self.indices:
                 out.append(x[:, 1:].transpose(1, 2).reshape(b, d, gh, gw))

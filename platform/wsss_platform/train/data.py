@@ -1,0 +1,75 @@
+"""Training data with Ray Data: the split's ids -> loader tasks (read the image and its pseudo mask +
+confidence from a ``wsss label`` output, or its ground truth) -> random scale / crop / flip -> one
+fixed-size sample per row, streamed to the workers (``ray.train.get_dataset_shard("train")``)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from wsss_core.augment import random_scale_crop_flip
+from wsss_platform import storage
+from wsss_platform.datasets import DatasetConfig, open_dataset
+from wsss_platform.label import outputs
+from wsss_platform.train.config import TrainConfig
+
+
+def uses_ground_truth(cfg: TrainConfig) -> bool:
+    return cfg.train.pseudo_masks.strip().lower() == "none"
+
+
+class SampleLoader:
+    """Ray Data callable: image ids -> augmented (image, mask, confidence) crops."""
+
+    def __init__(self, dataset: dict[str, Any], train: dict[str, Any], pseudo_masks: str | None) -> None:
+        cfg = DatasetConfig.model_validate(dataset)
+        self.ds, self.opts = open_dataset(cfg), cfg.storage
+        self.train, self.pseudo = train, pseudo_masks
+        self.rng = np.random.default_rng()  # a new view every epoch: Ray Data reruns the map each pass
+
+    def _png(self, uri: str) -> np.ndarray:
+        with Image.open(io.BytesIO(storage.read_bytes(uri, self.opts))) as im:
+            return np.asarray(im)
+
+    def sample(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        row = self.ds.load(image_id)
+        if self.pseudo is None:
+            if row.mask is None:
+                raise ValueError(f"{image_id}: no ground-truth mask to train on (train.pseudo_masks: none)")
+            mask, conf = row.mask, np.full(row.mask.shape, 255, np.uint8)
+        else:
+            mask = self._png(outputs.pseudo_uri(self.pseudo, image_id))
+            conf = self._png(outputs.confidence_uri(self.pseudo, image_id))
+        t = self.train
+        return random_scale_crop_flip(row.image, mask, conf, t["crop_size"], tuple(t["scale_range"]), self.rng, t["flip"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, masks, confs = zip(*(self.sample(str(i)) for i in batch["image_id"]), strict=True)
+        return {"image": np.stack(images), "mask": np.stack(masks), "confidence": np.stack(confs)}
+
+
+def check_pseudo_masks(cfg: TrainConfig, ids: list[str]) -> None:
+    """Fail on the driver when the label output lacks what training reads (named, with the fix)."""
+    if uses_ground_truth(cfg):
+        return
+    root, opts = cfg.train.pseudo_masks, cfg.dataset.storage
+    if not root:
+        raise ValueError("train.pseudo_masks: give a `wsss label` output (--pseudo-masks URI), or none to train "
+                         "on the ground truth")
+    for folder in ("pseudo", "confidence"):
+        if not storage.exists(storage.join(root, folder, f"{ids[0]}.png"), opts):
+            raise ValueError(f"train.pseudo_masks: {storage.join(root, folder, ids[0] + '.png')} not found: is {root} "
+                             f"a `wsss label` output of this split, written by a version that writes {folder}/?")
+
+
+def train_dataset(cfg: TrainConfig, ids: list[str], dataset_payload: dict[str, Any]):
+    import ray
+
+    pseudo = None if uses_ground_truth(cfg) else cfg.train.pseudo_masks
+    items = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
+    return items.map_batches(SampleLoader, batch_size=8, compute=ray.data.ActorPoolStrategy(size=1),
+                             fn_constructor_kwargs={"dataset": dataset_payload, "train": cfg.train.model_dump(mode="json"),
+                                                    "pseudo_masks": pseudo}, num_cpus=cfg.compute.loader_cpus)

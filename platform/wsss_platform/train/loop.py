@@ -1,0 +1,198 @@
+"""The training loop each Ray Train worker runs (``train_loop_per_worker``).
+
+Per worker: the segmenter (DDP through ``ray.train.torch.prepare_model``), SGD with the backbone at
+``lr`` and the head at ``head_lr_mult × lr``, a poly schedule after a linear warm-up, AMP on GPU,
+CGL on the streamed shard of crops. Every ``checkpoint_every`` iterations the model, optimiser,
+scheduler and iteration go to ``ray.train.report`` (rank 0 writes the checkpoint), so a restarted
+worker group resumes at the iteration after it: none lost, none run twice. Every ``eval_every``
+iterations the val split is scored, each worker a slice of it, confusion matrices all-reduced.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from wsss_core.inference import predict_probs
+from wsss_core.losses import cgl_loss
+from wsss_core.metrics import ConfusionMatrix
+from wsss_core.models.segmenter import create_segmenter
+from wsss_platform.train.config import TrainConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def poly_lambda(iterations: int, warmup: int, power: float):
+    """LR factor at iteration i: linear warm-up to 1, then ``(1 - i / iterations) ** power``."""
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return max(0.0, 1 - i / iterations) ** power
+    return factor
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    amp = cfg.train.amp
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def build(cfg: TrainConfig, num_classes: int, weights: Any):
+    """Model (DDP-prepared), optimiser and scheduler."""
+    import ray.train.torch
+
+    model = create_segmenter(cfg.model.backbone, num_classes, weights, cfg.model.head, cfg.model.output_stride)
+    t = cfg.train
+    optimizer = torch.optim.SGD(model.param_groups(t.lr, t.head_lr_mult, t.weight_decay), lr=t.lr, momentum=t.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(t.iterations, t.warmup_iterations, t.poly_power))
+    return ray.train.torch.prepare_model(model), optimizer, scheduler
+
+
+def restore(model, optimizer, scheduler) -> int:
+    """The iteration to start at: 0, or the one after the last checkpoint."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["iteration"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def report(metrics: dict[str, float], model=None, optimizer=None, scheduler=None, iteration: int = 0) -> None:
+    """``ray.train.report`` on every worker; with a model, rank 0 attaches a checkpoint."""
+    import ray.train
+
+    if model is None or ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "iteration": iteration}, os.path.join(d, CHECKPOINT_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ds, ids: list[str], num_classes: int, device: torch.device,
+             scales: list[float], flip: bool) -> ConfusionMatrix:
+    """This worker's slice of ``ids`` scored, then the confusion matrices summed over workers."""
+    net = unwrap(model)
+    net.eval()
+    cm = ConfusionMatrix(num_classes)
+    for image_id in ids[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else ids:
+        row = ds.load(image_id)
+        pixels = net.normalize(torch.from_numpy(np.array(row.image))[None].to(device))
+        pred = predict_probs(net, pixels, scales, flip)[0].argmax(0).cpu()
+        cm.update(pred, row.mask)
+    net.train()
+    total = torch.as_tensor(cm.matrix, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return ConfusionMatrix.from_list(total.cpu().long().tolist())
+
+
+class StepLog:
+    """Rank 0's per-step loss and LR into the job's MLflow run, sent in batches."""
+
+    def __init__(self, mlflow: dict[str, str] | None) -> None:
+        self.client = self.run_id = None
+        self.pending: list[Any] = []
+        if mlflow:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id = MlflowClient(mlflow["tracking_uri"]), mlflow["run_id"]
+
+    def add(self, metrics: dict[str, float], step: int, flush: bool = False) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        if flush or len(self.pending) >= 200:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+            self.pending = []
+
+
+def step(model, optimizer, scheduler, batch: dict[str, torch.Tensor], mu: float, amp: torch.dtype | None,
+         device: torch.device) -> float:
+    """One SGD step of CGL on a batch of crops; returns the loss."""
+    net = unwrap(model)
+    pixels = net.normalize(batch["image"].to(device))
+    mask, conf = batch["mask"].to(device).long(), batch["confidence"].to(device).float() / 255
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        logits = model(pixels)
+    loss = cgl_loss(logits, mask, conf, mu)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
+def validation(cfg: TrainConfig, model, config: dict[str, Any], device: torch.device, final: bool) -> dict[str, float]:
+    """val mIoU (single-scale while training; the configured scales and flip at the end)."""
+    if not config["val_ids"]:
+        return {}
+    from wsss_platform.datasets import DatasetConfig, open_dataset
+
+    ds = open_dataset(DatasetConfig.model_validate(config["val_dataset"]))
+    scales, flip = (cfg.train.eval_scales, cfg.train.eval_flip) if final else ([1.0], False)
+    cm = evaluate(model, ds, config["val_ids"], config["num_classes"], device, scales, flip)
+    names = config["class_names"]
+    out = {"val_miou": cm.miou()}
+    out |= {f"val_iou/{n}": v for n, v in zip(names, cm.iou().tolist(), strict=True) if not math.isnan(v)}
+    return out
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from wsss_platform.label.stages import resolve_weights
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    if cfg.compute.torch_threads:
+        torch.set_num_threads(cfg.compute.torch_threads)
+    torch.manual_seed(cfg.train.seed)  # the same initial head on every worker (DDP broadcasts it too)
+    device = ray.train.torch.get_device()
+    model, optimizer, scheduler = build(cfg, config["num_classes"], resolve_weights(cfg.model.pretrained,
+                                                                                    cfg.dataset.storage))
+    it = restore(model, optimizer, scheduler)
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    log, amp, t = StepLog(config.get("mlflow") if rank0 else None), _amp_dtype(cfg, device), cfg.train
+    shard = ray.train.get_dataset_shard("train")
+    t0, seen = time.perf_counter(), 0
+    while it < t.iterations:
+        before = it
+        for batch in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True):
+            loss = step(model, optimizer, scheduler, batch, t.mu, amp, device)
+            it, seen = it + 1, seen + t.batch_size
+            metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "iteration": it,
+                       "images_per_s": seen / (time.perf_counter() - t0)}
+            if it % t.eval_every == 0 or it == t.iterations:
+                metrics |= validation(cfg, model, config, device, final=it == t.iterations)
+            log.add(metrics, it, flush=it == t.iterations)
+            if it % t.checkpoint_every == 0 or it == t.iterations:
+                report(metrics, model, optimizer, scheduler, it)
+            if it >= t.iterations:
+                break
+        if it == before:
+            raise ValueError(f"the train split gives no batch of {t.batch_size} per worker for {cfg.compute.num_workers} "
+                             "workers: lower train.batch_size or compute.num_workers")

@@ -1,0 +1,64 @@
+"""The segmenter on Ray Train: pseudo masks from `wsss label`, 2 DDP workers, checkpoints, MLflow, resume."""
+
+import pytest
+
+from wsss_platform.config import ConfigError, build_config
+from wsss_platform.datasets.demo import write_demo_dataset
+from wsss_platform.label.config import LabelConfig
+from wsss_platform.label.job import run_label
+from wsss_platform.train.config import TrainConfig
+from wsss_platform.train.job import run_train
+
+TINY_TRAIN = ["model.backbone=open_clip:tiny", "model.pretrained=none", "model.head=largefov", "train.batch_size=2",
+              "train.crop_size=64", "train.checkpoint_every=3", "train.eval_every=3", "train.lr=0.001",
+              "compute.num_workers=2", "compute.cpus_per_worker=0.5"]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_demo_dataset(str(root / "voc"), "voc", 20, seed=4)
+    run_label(build_config(LabelConfig, {}, [f"dataset.uri={root / 'voc'}", f"output={root / 'labels'}", "model.name=tiny",
+                                             "model.pretrained=none", "refine=[caa]", "tracking.enabled=false", "cache=none"]))
+    return root
+
+
+@pytest.mark.slow
+def test_train_segmenter_two_workers_checkpoints_mlflow_and_resume(labelled, tmp_path, ray_local, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "seg"
+    base = [f"dataset.uri={labelled / 'voc'}", f"output={out}", f"train.pseudo_masks={labelled / 'labels'}", *TINY_TRAIN]
+    summary = run_train(build_config(TrainConfig, {}, [*base, "train.iterations=6"]))
+    assert summary.iterations == 6 and summary.val_miou is not None and 0 <= summary.val_miou <= 1
+    checkpoints = sorted(p.name for p in (out / "train").glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2  # iterations 3 and 6, num_to_keep 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["wsss.checkpoint"] == summary.checkpoint
+    assert [m.step for m in client.get_metric_history(summary.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert {m.step for m in client.get_metric_history(summary.run_id, "val_miou")} == {3, 6}
+    assert run.data.params["train.mu"] == "0.95"
+    import mlflow
+    import torch
+
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{summary.run_id}'")
+    assert len(models) == 1
+    model = mlflow.pytorch.load_model(models[0].model_uri)  # the logged segmenter predicts at any size
+    assert model(torch.randn(1, 3, 50, 70)).shape == (1, 11, 50, 70)
+
+    # The same command with a longer schedule continues from iteration 6, in the same MLflow run.
+    again = run_train(build_config(TrainConfig, {}, [*base, "train.iterations=8"]))
+    assert again.run_id == summary.run_id and again.iterations == 8
+    assert [m.step for m in client.get_metric_history(summary.run_id, "loss")] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_missing_pseudo_masks_and_too_many_cpus_fail_clearly(labelled, tmp_path, ray_local):
+    base = [f"dataset.uri={labelled / 'voc'}", f"output={tmp_path / 'seg'}", *TINY_TRAIN, "tracking.enabled=false"]
+    with pytest.raises(ValueError, match=r"train.pseudo_masks: .*pseudo/.*not found"):
+        run_train(build_config(TrainConfig, {}, [*base, f"train.pseudo_masks={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"compute: 64 workers .* lower compute.cpus_per_worker"):
+        run_train(build_config(TrainConfig, {}, [*base, f"train.pseudo_masks={labelled / 'labels'}",
+                                                 "compute.num_workers=64"]))

@@ -20,7 +20,7 @@ import torch
 
 from wsss_platform import storage
 from wsss_platform.config import ConfigError, flatten
-from wsss_platform.console import quiet_ray
+from wsss_platform.console import quiet_ray, verbose
 from wsss_platform.datasets import open_dataset
 from wsss_platform.label.job import _dataset_payload
 from wsss_platform.ray_utils import (
@@ -88,7 +88,9 @@ def _trainer(cfg: TrainConfig, loop_config: dict[str, Any], train_ds):
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.compute.checkpoints_to_keep, checkpoint_score_attribute="val_miou" if has_val else None,
                 checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures)))
+            failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures),
+            # Train's own per-report and setup lines only with --verbose; the loop prints one line per checkpoint
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")))
 
 
 def _check_cpus(cfg: TrainConfig) -> None:

@@ -191,6 +191,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.add(metrics, it, flush=it == t.iterations)
             if it % t.checkpoint_every == 0 or it == t.iterations:
                 report(metrics, model, optimizer, scheduler, it)
+                if rank0:
+                    val = f" · val mIoU {metrics['val_miou']:.4f}" if "val_miou" in metrics else ""
+                    print(f"[wsss train] iteration {it}/{t.iterations} · loss {loss:.4f} · "
+                          f"{metrics['images_per_s']:.1f} img/s{val} · checkpoint", flush=True)
             if it >= t.iterations:
                 break
         if it == before:

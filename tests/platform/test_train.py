@@ -62,3 +62,4 @@ def test_missing_pseudo_masks_and_too_many_cpus_fail_clearly(labelled, tmp_path,
     with pytest.raises(ConfigError, match=r"compute: 64 workers .* lower compute.cpus_per_worker"):
         run_train(build_config(TrainConfig, {}, [*base, f"train.pseudo_masks={labelled / 'labels'}",
                                                  "compute.num_workers=64"]))
+

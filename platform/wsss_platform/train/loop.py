@@ -108,7 +108,9 @@ def evaluate(model: torch.nn.Module, ds, ids: list[str], num_classes: int, devic
 
 
 class StepLog:
-    """Rank 0's per-step loss and LR into the job's MLflow run, sent in batches."""
+    """Rank 0's per-step loss and LR into the job's MLflow run, sent at each checkpoint: steps after the
+    last checkpoint die with a failed worker and are logged when they are run again, so every step
+    appears once in a run that resumed."""
 
     def __init__(self, mlflow: dict[str, str] | None) -> None:
         self.client = self.run_id = None
@@ -125,7 +127,7 @@ class StepLog:
 
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
-        if flush or len(self.pending) >= 200:
+        if flush:
             self.client.log_batch(self.run_id, metrics=self.pending)
             self.pending = []
 
@@ -188,13 +190,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        "images_per_s": seen / (time.perf_counter() - t0)}
             if it % t.eval_every == 0 or it == t.iterations:
                 metrics |= validation(cfg, model, config, device, final=it == t.iterations)
-            log.add(metrics, it, flush=it == t.iterations)
-            if it % t.checkpoint_every == 0 or it == t.iterations:
+            checkpoint = it % t.checkpoint_every == 0 or it == t.iterations
+            if checkpoint:
                 report(metrics, model, optimizer, scheduler, it)
-                if rank0:
-                    val = f" · val mIoU {metrics['val_miou']:.4f}" if "val_miou" in metrics else ""
-                    print(f"[wsss train] iteration {it}/{t.iterations} · loss {loss:.4f} · "
-                          f"{metrics['images_per_s']:.1f} img/s{val} · checkpoint", flush=True)
+            log.add(metrics, it, flush=checkpoint)  # after the checkpoint is saved
+            if checkpoint and rank0:
+                val = f" · val mIoU {metrics['val_miou']:.4f}" if "val_miou" in metrics else ""
+                print(f"[wsss train] iteration {it}/{t.iterations} · loss {loss:.4f} · "
+                      f"{metrics['images_per_s']:.1f} img/s{val} · checkpoint", flush=True)
             if it >= t.iterations:
                 break
         if it == before:

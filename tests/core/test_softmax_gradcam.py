@@ -108,6 +108,6 @@ def test_features_for_several_layer_counts_match_one_at_a_time(tiny):
     feats = src.features(images, ["attn/2", "attn/1"])
     staged = src.cams_from_features(feats, labels)
     for a, b in zip(whole, staged, strict=True):
-        torch.testing.assert_close(a.cams, b.cams)
+        torch.testing.assert_close(a.cams, b.cams, atol=1e-4, rtol=0)  # min–max normalised: float noise of the two calls can grow
         torch.testing.assert_close(a.scores, b.scores)
         torch.testing.assert_close(a.aux["attn/2"], b.aux["attn/2"], atol=1e-6, rtol=0)

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from wsss_core.classes import ClassSet, voc_palette
 from wsss_platform.config import Section
-from wsss_platform.storage import StorageOptions
+from wsss_platform.storage import StorageOptions, without_secrets
 
 log = logging.getLogger("wsss.datasets")
 
@@ -45,6 +45,11 @@ class DatasetConfig(Section):
     would otherwise take its worker down. None: no cap. The labelers' memory follows it
     (``compute.memory_per_actor: auto``)."""
     storage: StorageOptions = StorageOptions()
+
+    def worker_payload(self) -> dict[str, Any]:
+        """This section for Ray workers (actors, trials, training workers), credentials left out:
+        they resolve their own (inherited environment, credentials file, instance role; see ``init_ray``)."""
+        return self.model_dump(mode="json") | {"storage": without_secrets(self.storage)}
 
 
 @dataclass(frozen=True)

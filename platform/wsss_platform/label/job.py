@@ -113,7 +113,7 @@ def _pipeline(cfg: LabelConfig, ds: Dataset, todo: list[str], token: str, isolat
     load_batch = 1 if isolate else cfg.compute.loader_batch_size
     rows = ray.data.from_items([{"image_id": i} for i in todo],
                                override_num_blocks=max(1, min(len(todo), len(todo) // load_batch)))
-    dataset = _dataset_payload(cfg)
+    dataset = cfg.dataset.worker_payload()
     labeler_kwargs = {"config": cfg.model_dump(mode="json") | {"dataset": dataset},
                       "class_names": list(ds.classes.names), "gpus": gpus, "job_token": token}
     if loaders:
@@ -151,12 +151,6 @@ def _check_memory(memory: int | None) -> None:
         raise ConfigError(f"compute.memory_per_actor: {memory / 2**30:.1f} GiB per labeling actor (auto follows "
                           f"dataset.max_image_pixels) but the largest node offers {biggest / 2**30:.1f} GiB; lower "
                           "dataset.max_image_pixels, or set compute.memory_per_actor (bytes, or null for no limit)")
-
-
-def _dataset_payload(cfg: LabelConfig) -> dict[str, Any]:
-    """The dataset section for the actors, credentials left out: workers resolve their own
-    (inherited environment, credentials file, instance role; see ``init_ray``)."""
-    return cfg.dataset.model_dump(mode="json") | {"storage": storage.without_secrets(cfg.dataset.storage)}
 
 
 def label_settings(cfg: LabelConfig) -> dict[str, Any]:

@@ -16,6 +16,7 @@ a cache either complete or absent.
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.stages import build_masker, source_settings
 from wsss_platform.ownership import fingerprint
 from wsss_platform.storage import StorageOptions
+from wsss_platform.sweep.config import apply_params
 
 
 @dataclass
@@ -130,10 +132,6 @@ def aux_needed(label: LabelConfig, dims: list[Any]) -> list[str]:
     """Every aux key a trial's refiners can ask for: the refiners built for every combination of the
     searched values that can change them (``refine`` and the keys of refiner sections; a float
     range by its two ends). The other keys (prompts, mask) never change what refiners read."""
-    import itertools
-
-    from wsss_platform.sweep.config import apply_params
-
     def values(d):
         if d.kind == "categorical":
             return d.choices

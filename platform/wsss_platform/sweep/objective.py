@@ -20,7 +20,6 @@ from wsss_platform.config import ConfigError
 from wsss_platform.datasets import open_dataset
 from wsss_platform.datasets.base import DatasetError
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.job import _dataset_payload
 from wsss_platform.label.stages import build_cam_source, class_set, device_for
 from wsss_platform.sweep import cache
 from wsss_platform.sweep.config import Dim, SweepConfig
@@ -141,7 +140,7 @@ class LabelObjective:
             f"{len(subset.ids)} images in the subset; objective {cfg.objective} ({cfg.mode}); "
             f"{cfg.tune.num_trials} trials over {', '.join(d.name for d in dims)} -> {out}")
         # No credentials in anything Tune pickles (the trainable's parameters, the experiment state).
-        payload = cfg.label.model_dump(mode="json") | {"dataset": _dataset_payload(cfg.label)}
+        payload = cfg.label.model_dump(mode="json") | {"dataset": cfg.label.dataset.worker_payload()}
         aux = cache.aux_needed(cfg.label, dims)
         if cache.is_staged(cfg.label) and not storage.exists(cache.features_uri(out, cfg.label), opts):
             cache_features(cfg, out, payload, aux, self.gpus, log)

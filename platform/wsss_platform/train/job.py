@@ -22,7 +22,6 @@ from wsss_platform import storage
 from wsss_platform.config import ConfigError, flatten
 from wsss_platform.console import quiet_ray, verbose
 from wsss_platform.datasets import open_dataset
-from wsss_platform.label.job import _dataset_payload
 from wsss_platform.ray_utils import (
     check_credentials_reach_workers,
     cluster_gpus,
@@ -63,8 +62,7 @@ def _val(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str]]:
     if not ds.has_masks():
         raise ConfigError(f"train.val_split: {ds.uri} split {cfg.train.val_split} has no ground-truth masks; "
                           "choose a split with SegmentationClass masks, or val_split: null")
-    payload = val_cfg.model_dump(mode="json") | {"storage": storage.without_secrets(val_cfg.storage)}
-    return payload, list(ds.ids)
+    return val_cfg.worker_payload(), list(ds.ids)
 
 
 def _state(cfg: TrainConfig) -> dict[str, Any]:
@@ -131,7 +129,7 @@ def run_train(cfg: TrainConfig, log=print) -> TrainSummary:
     init_ray(cfg.ray_address, cfg.dataset.storage)
     quiet_ray()
     _check_cpus(cfg)
-    payload = _dataset_payload(cfg)  # type: ignore[arg-type]
+    payload = cfg.dataset.worker_payload()
     names = ["background", *ds.classes.names]
     loop_config = {"cfg": cfg.model_dump(mode="json") | {"dataset": payload}, "num_classes": len(names),
                    "class_names": names, "val_dataset": val_payload, "val_ids": val_ids}

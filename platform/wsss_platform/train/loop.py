@@ -148,13 +148,12 @@ def step(model, optimizer, scheduler, batch: dict[str, torch.Tensor], mu: float,
     return float(loss.detach())
 
 
-def validation(cfg: TrainConfig, model, config: dict[str, Any], device: torch.device, final: bool) -> dict[str, float]:
-    """val mIoU (single-scale while training; the configured scales and flip at the end)."""
-    if not config["val_ids"]:
+def validation(cfg: TrainConfig, model, ds, config: dict[str, Any], device: torch.device,
+               final: bool) -> dict[str, float]:
+    """val mIoU (single-scale while training; the configured scales and flip at the end); ``ds`` the
+    val split, None when there is none."""
+    if ds is None:
         return {}
-    from wsss_platform.datasets import DatasetConfig, open_dataset
-
-    ds = open_dataset(DatasetConfig.model_validate(config["val_dataset"]))
     scales, flip = (cfg.train.eval_scales, cfg.train.eval_flip) if final else ([1.0], False)
     cm = evaluate(model, ds, config["val_ids"], config["num_classes"], device, scales, flip)
     names = config["class_names"]
@@ -167,6 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from wsss_platform.datasets import DatasetConfig, open_dataset
     from wsss_platform.label.stages import resolve_weights
 
     cfg = TrainConfig.model_validate(config["cfg"])
@@ -180,6 +180,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank0 = ray.train.get_context().get_world_rank() == 0
     log, amp, t = StepLog(config.get("mlflow") if rank0 else None), _amp_dtype(cfg, device), cfg.train
     shard = ray.train.get_dataset_shard("train")
+    # the val split's index once per worker (a COCO index parses its annotation file)
+    val_ds = open_dataset(DatasetConfig.model_validate(config["val_dataset"])) if config["val_ids"] else None
     t0, seen = time.perf_counter(), 0
     while it < t.iterations:
         before = it
@@ -189,7 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "iteration": it,
                        "images_per_s": seen / (time.perf_counter() - t0)}
             if it % t.eval_every == 0 or it == t.iterations:
-                metrics |= validation(cfg, model, config, device, final=it == t.iterations)
+                metrics |= validation(cfg, model, val_ds, config, device, final=it == t.iterations)
             checkpoint = it % t.checkpoint_every == 0 or it == t.iterations
             if checkpoint:
                 report(metrics, model, optimizer, scheduler, it)

@@ -54,7 +54,7 @@ def run_demo(workdir: str = ".", num_images: int = 40, offline: bool = False) ->
                                          "compute.batch_size=8", "tracking.experiment=wsss-demo", "overwrite=true"])
     tracking.setup("wsss-demo", root)
     summary = run_label(cfg)
-    print(f"[demo] output folder: {out} (masks/, cams/, manifest.parquet, run.json)")
+    print(f"[demo] output folder: {out} (masks/, pseudo/, confidence/, cams/, manifest.parquet, run.json)")
     if summary.miou is not None:
         print(f"[demo] pseudo-mask mIoU: raw CAM {summary.miou_raw:.4f}, CAA-refined {summary.miou:.4f}")
     print(f"[demo] MLflow run {summary.run_id} in {tracking.tracking_uri(root)}")

@@ -63,3 +63,61 @@ def test_missing_pseudo_masks_and_too_many_cpus_fail_clearly(labelled, tmp_path,
         run_train(build_config(TrainConfig, {}, [*base, f"train.pseudo_masks={labelled / 'labels'}",
                                                  "compute.num_workers=64"]))
 
+
+
+def _kill_a_worker_after_a_registered_checkpoint(out: str, killed: list[int]) -> None:
+    """Wait until Train's controller has taken a checkpoint (it then writes its snapshot next to the
+    checkpoints), let the next steps start, and SIGKILL one training worker's process."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from wsss_platform import storage
+
+    snapshot = storage.join(out, "train", "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if storage.exists(snapshot) and '"checkpoint_dir_name"' in storage.read_text(snapshot):
+            break
+        time.sleep(0.3)
+    time.sleep(1.0)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            os.kill(proc.info["pid"], signal.SIGKILL)
+            killed.append(proc.info["pid"])
+            return
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_killed_worker_resumes_from_the_last_checkpoint(where, labelled, tmp_path, ray_local, monkeypatch,
+                                                          request):
+    """A training worker's process killed for real mid-run: the group restarts from the last checkpoint
+    and ends at the planned iteration; the MLflow run shows every step once, the checkpoint folder one run."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from wsss_platform import storage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = str(tmp_path / "seg") if where == "local" else request.getfixturevalue("s3_bucket") + "/seg"
+    cfg = build_config(TrainConfig, {}, [f"dataset.uri={labelled / 'voc'}", f"output={out}",
+                                         f"train.pseudo_masks={labelled / 'labels'}", *TINY_TRAIN, "train.iterations=14",
+                                         "train.checkpoint_every=2", "train.eval_every=100", "compute.max_failures=2"])
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_a_registered_checkpoint, args=(out, killed), daemon=True)
+    killer.start()
+    summary = run_train(cfg)
+    killer.join(5)
+    assert killed, "no training worker was found to kill"
+    assert summary.iterations == 14
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(summary.run_id, "loss")] == list(range(1, 15))
+    assert client.get_run(summary.run_id).info.status == "FINISHED"
+    names = storage.list_names(storage.join(out, "train"))
+    assert sum(n.startswith("checkpoint_2") for n in names) == 2  # num_to_keep, all of one run
+    assert summary.checkpoint and storage.exists(storage.join(summary.checkpoint, "checkpoint.pt"))
+    assert [n for n in storage.list_names(out) if n != "train"] == ["train.json"]

@@ -118,6 +118,24 @@ def _log_model(cfg: TrainConfig, result, num_classes: int, run: JobRun) -> None:
                              registered_model_name=cfg.tracking.register_as)
 
 
+def _keep_registered_checkpoints(cfg: TrainConfig, result) -> str | None:
+    """The last checkpoint's URI, after removing checkpoint folders Train never registered.
+
+    A worker killed after rank 0 wrote a checkpoint but before Train's controller took the report
+    leaves that folder behind: the group resumed from the one before, and Train's checkpoint manager
+    (which prunes to ``num_to_keep``) does not know it, so it would stay forever and could be
+    mistaken for the run's latest."""
+    if result.checkpoint is None:
+        return None
+    root = storage.join(cfg.output, "train")
+    kept = {os.path.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints}
+    kept.add(os.path.basename(result.checkpoint.path.rstrip("/")))
+    for name in storage.list_names(root, cfg.dataset.storage):
+        if name.startswith("checkpoint_") and name not in kept and name != "checkpoint_manager_snapshot.json":
+            storage.remove(storage.join(root, name), cfg.dataset.storage)
+    return storage.join(root, os.path.basename(result.checkpoint.path.rstrip("/")))
+
+
 def run_train(cfg: TrainConfig, log=print) -> TrainSummary:
     t0 = time.perf_counter()
     check_credentials_reach_workers(cfg.ray_address, cfg.dataset.storage)
@@ -150,7 +168,7 @@ def run_train(cfg: TrainConfig, log=print) -> TrainSummary:
         summary.metrics = dict(result.metrics or {})
         summary.iterations = int(summary.metrics.get("iteration", 0))
         summary.val_miou = summary.metrics.get("val_miou")
-        summary.checkpoint = result.checkpoint.path if result.checkpoint else None
+        summary.checkpoint = _keep_registered_checkpoints(cfg, result)
         if run is not None:
             run.client.set_tag(run.run_id, "wsss.checkpoint", str(summary.checkpoint))
             _log_model(cfg, result, len(names), run)

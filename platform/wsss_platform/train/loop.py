@@ -108,27 +108,34 @@ def evaluate(model: torch.nn.Module, ds, ids: list[str], num_classes: int, devic
 
 
 class StepLog:
-    """Rank 0's per-step loss and LR into the job's MLflow run, sent at each checkpoint: steps after the
-    last checkpoint die with a failed worker and are logged when they are run again, so every step
-    appears once in a run that resumed."""
+    """Rank 0's per-step loss and LR into the job's MLflow run, sent at each checkpoint, once per step.
+
+    Steps after the last checkpoint die with a failed worker and are logged when they are run again.
+    A worker can also die after its checkpoint is written but before Train's controller has taken
+    the report (it polls every few seconds); the group then resumes from the checkpoint before and
+    redoes steps already logged. MLflow appends metric values and cannot delete one, so the steps up
+    to the run's last logged one are skipped: every step appears once in a run that resumed."""
 
     def __init__(self, mlflow: dict[str, str] | None) -> None:
         self.client = self.run_id = None
         self.pending: list[Any] = []
+        self.logged_up_to = 0
         if mlflow:
             from mlflow.tracking import MlflowClient
 
             self.client, self.run_id = MlflowClient(mlflow["tracking_uri"]), mlflow["run_id"]
+            self.logged_up_to = max((m.step for m in self.client.get_metric_history(self.run_id, "loss")), default=0)
 
     def add(self, metrics: dict[str, float], step: int, flush: bool = False) -> None:
-        if self.client is None:
+        if self.client is None or step <= self.logged_up_to:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
         if flush:
-            self.client.log_batch(self.run_id, metrics=self.pending)
+            for i in range(0, len(self.pending), 1000):  # MLflow takes at most 1000 metrics per batch
+                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
             self.pending = []
 
 

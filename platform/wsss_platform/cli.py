@@ -173,7 +173,10 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
 
 
 def sweep_overrides(args: argparse.Namespace) -> list[str]:
-    return job_overrides(args, "label.dataset", {"tune.num_trials": args.num_trials})
+    from wsss_platform.config import read_yaml
+
+    training = bool(args.config) and read_yaml(args.config).get("train") is not None
+    return job_overrides(args, "train.dataset" if training else "label.dataset", {"tune.num_trials": args.num_trials})
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -194,36 +197,80 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if summary.best_yaml else 1
 
 
+def _flag_overrides(args: argparse.Namespace, **extra: str | None) -> list[str]:
+    """The dataset, output and address flags of train/predict (and ``extra``) as overrides, then key=value ones."""
+    flags = {"dataset.uri": args.dataset, "dataset.layout": args.layout, "dataset.split": args.split,
+             "output": args.output, "ray_address": args.address, **extra}
+    overwrite = ["overwrite=true"] if getattr(args, "overwrite", False) else []
+    return [f"{k}={v}" for k, v in flags.items() if v is not None] + overwrite + list(args.overrides)
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    return _flag_overrides(args, **{"train.pseudo_masks": args.pseudo_masks})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from wsss_platform.config import load_config
     from wsss_platform.train.config import TrainConfig
     from wsss_platform.train.job import run_train
 
-    flags = {"dataset.uri": args.dataset, "dataset.layout": args.layout, "dataset.split": args.split,
-             "train.pseudo_masks": args.pseudo_masks, "output": args.output, "ray_address": args.address}
-    cfg = load_config(TrainConfig, args.config, [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides)
-    summary = run_train(cfg)
+    summary = run_train(load_config(TrainConfig, args.config, train_overrides(args)))
     if summary.run_url:
         print_run_url("wsss train", summary.run_url)
     return 0
 
 
+def predict_overrides(args: argparse.Namespace) -> list[str]:
+    return _flag_overrides(args, checkpoint=args.checkpoint)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from wsss_platform.config import load_config
+    from wsss_platform.predict.config import PredictConfig
+    from wsss_platform.predict.job import exit_code, run_predict
+
+    summary = run_predict(load_config(PredictConfig, args.config, predict_overrides(args)))
+    if summary.run_url:
+        print_run_url("wsss predict", summary.run_url)
+    return exit_code(summary)
+
+
+def _add_data_args(p: argparse.ArgumentParser, config: str, split: str, output: str, example: str) -> None:
+    p.add_argument("--config", help=f"YAML config ({config}); omitted: the embedded defaults")
+    p.add_argument("--dataset", help="dataset root URI (dataset.uri)")
+    p.add_argument("--layout", choices=["voc", "coco"], help="dataset.layout")
+    p.add_argument("--split", help=split)
+    p.add_argument("--output", help=output)
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=f"config overrides, e.g. {example}")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    _add_data_args(p, "see jobs/configs/*train*.yaml", "dataset.split to train on",
+                   "checkpoints and run state, local or s3:// (output)", "train.mu=0.9")
+    p.add_argument("--pseudo-masks", help="a `wsss label` output, or none for the ground truth (train.pseudo_masks)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output that holds a training")
+
+
+def add_predict_args(p: argparse.ArgumentParser) -> None:
+    _add_data_args(p, "keys of PredictConfig", "dataset.split", "where masks/ and confidence/ go, local or s3:// (output)",
+                   "'scales=[0.75,1,1.25]'")
+    p.add_argument("--checkpoint", help="a `wsss train` checkpoint folder, or its output (the latest checkpoint)")
+
+
 def _add_train_commands(sub) -> None:
-    """`wsss train segmenter …` (ToCo and AffinityNet recipes come beside it)."""
+    """`wsss train segmenter …` (ToCo and AffinityNet recipes come beside it) and `wsss predict`."""
     tr = sub.add_parser("train", help="train a model with Ray Train")
     _describe(tr, "train")
     rsub = tr.add_subparsers(dest="recipe", required=True)
     p = rsub.add_parser("segmenter", help="the final segmenter on pseudo masks, with the confidence-guided loss")
     _describe(p, "train")
-    p.add_argument("--config", help="YAML config (see jobs/configs/*train*.yaml); omitted: the embedded defaults")
-    p.add_argument("--dataset", help="dataset root URI (dataset.uri)")
-    p.add_argument("--layout", choices=["voc", "coco"], help="dataset.layout")
-    p.add_argument("--split", help="dataset.split to train on")
-    p.add_argument("--pseudo-masks", help="a `wsss label` output, or none for the ground truth (train.pseudo_masks)")
-    p.add_argument("--output", help="checkpoints and run state, local or s3:// (output)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.mu=0.9")
+    add_train_args(p)
     p.set_defaults(func=cmd_train)
+    pr = sub.add_parser("predict", help="predict masks for a dataset split with a trained segmenter (Ray Data)")
+    _describe(pr, "predict")
+    add_predict_args(pr)
+    pr.set_defaults(func=cmd_predict)
 
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
@@ -235,7 +282,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from wsss_platform import submit
 
-    rest = {"label": label_overrides, "sweep": sweep_overrides}[args.kind](args)
+    rest = {"label": label_overrides, "sweep": sweep_overrides, "train": train_overrides,
+            "predict": predict_overrides}[args.kind](args)
     submit.refuse_secrets(rest, args.config)
     forwarded = (["--config", args.config] if args.config else []) + rest
     job_id = submit.submit(args.kind, [a for a in forwarded if not a.startswith("ray_address=")], args.address,
@@ -296,15 +344,21 @@ ABOUT = {
               "one MLflow run per job. Every config key can be overridden as key.sub=value (see jobs/configs/).",
               ["wsss label --config jobs/configs/voc.yaml --dataset s3://bucket/VOC2012 --output s3://bucket/clip-es-voc",
                "wsss label --dataset demo-data/voc --output out model.name=tiny model.pretrained=none 'refine=[caa]'"]),
-    "sweep": ("Search prompt and refinement settings with Ray Tune + Optuna; the best labeling config goes to\n"
-              "<output>/best.yaml. Labeling keys are under label. (label.caa.t=3).",
-              ["wsss sweep --config jobs/configs/synthshapes-sweep.yaml",
+    "sweep": ("Search prompt and refinement settings (a labeling config under label:) or training settings (a\n"
+              "training config under train:) with Ray Tune + Optuna; the best config goes to <output>/best.yaml.\n"
+              "Keys of the swept config are under label. or train. (label.caa.t=3, train.train.mu=0.9).",
+              ["wsss sweep --config jobs/configs/synthshapes-sweep.yaml", "wsss sweep --config jobs/configs/synthshapes-train-sweep.yaml",
                "wsss sweep --config my-sweep.yaml --dataset s3://bucket/VOC2012 --output s3://bucket/sweeps/voc-1"]),
     "train": ("Train the segmenter on pseudo masks (a `wsss label` output) with CLIP-ES's confidence-guided loss on\n"
               "Ray Train: DDP over compute.num_workers, checkpoints in --output, resumed by running it again.",
               ["wsss train segmenter --config jobs/configs/synthshapes-train.yaml",
                "wsss train segmenter --dataset s3://bucket/VOC2012 --pseudo-masks s3://bucket/clip-es-voc "
                "--output s3://bucket/seg-1 train.mu=0.95"]),
+    "predict": ("Masks for a dataset split from a trained segmenter, with Ray Data (one GPU per actor when there are\n"
+                "GPUs): masks/ and confidence/ like `wsss label` writes them, scored when the split has ground truth.",
+                ["wsss predict --checkpoint seg-output --dataset demo-data/voc --split val --output pred",
+                 "wsss predict --checkpoint s3://bucket/seg-1 --dataset s3://bucket/VOC2012 --split val "
+                 "--output s3://bucket/pred-1 'scales=[0.5,0.75,1,1.25,1.5,1.75]' flip=true"]),
     "submit": ("Submit a job to a running Ray cluster through its Job Submission API.",
                ["wsss submit label --address http://HEAD:8265 --config jobs/configs/voc.yaml --follow"]),
     "jobs": ("Follow or stop a job submitted with `wsss submit`.", ["wsss jobs logs raysubmit_123 --address http://HEAD:8265"]),
@@ -331,17 +385,15 @@ def _add_cluster_commands(sub) -> None:
     sb = sub.add_parser("submit", help="submit a job to a Ray cluster (Job Submission API)")
     _describe(sb, "submit")
     sbsub = sb.add_subparsers(dest="kind", required=True)
-    sl = sbsub.add_parser("label", help="submit `wsss label`")
-    add_label_args(sl)
-    sl.add_argument("--submission-id", default=None)
-    sl.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
-    sl.set_defaults(func=cmd_submit)
-
-    ss = sbsub.add_parser("sweep", help="submit `wsss sweep`")
-    add_sweep_args(ss)
-    ss.add_argument("--submission-id", default=None)
-    ss.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
-    ss.set_defaults(func=cmd_submit)
+    for kind, add, text in (("label", add_label_args, "submit `wsss label`"),
+                            ("sweep", add_sweep_args, "submit `wsss sweep`"),
+                            ("train", add_train_args, "submit `wsss train segmenter`"),
+                            ("predict", add_predict_args, "submit `wsss predict`")):
+        sp = sbsub.add_parser(kind, help=text)
+        add(sp)
+        sp.add_argument("--submission-id", default=None)
+        sp.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
+        sp.set_defaults(func=cmd_submit)
 
     jb = sub.add_parser("jobs", help="follow jobs submitted with `wsss submit`")
     _describe(jb, "jobs")

@@ -45,7 +45,8 @@ def init_ray(address: str | None = None, storage: StorageOptions | None = None, 
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", include_dashboard=False, **kwargs)
+        kwargs.setdefault("include_dashboard", False)
+        ray.init(address="local", **kwargs)
 
 
 def check_credentials_reach_workers(address: str | None, storage: StorageOptions | None) -> None:

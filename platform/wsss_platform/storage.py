@@ -89,6 +89,11 @@ def scheme(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (against this process's working folder); other URIs as given."""
+    return os.path.abspath(uri) if uri and "://" not in uri else uri
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI parts with '/', keeping the scheme (``s3://b/x`` + ``y`` -> ``s3://b/x/y``)."""
     if scheme(base) == "file" and "://" not in base:

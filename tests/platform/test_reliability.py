@@ -151,7 +151,7 @@ def _grep_tree(root: Path, needles: list[bytes]) -> list[str]:
     return hits
 
 
-def test_no_secret_in_anything_a_sweep_and_a_labeling_job_write(s3_bucket, ray_local, tmp_path, monkeypatch, capfd):
+def test_no_secret_in_anything_labeling_sweep_training_and_prediction_write(s3_bucket, ray_local, tmp_path, monkeypatch, capfd):
     """Everything written (S3 outputs, Tune state, MLflow store and artifacts, Ray's session logs,
     the terminal) is grepped for the access key and secret in use: no hit."""
     import s3fs
@@ -171,6 +171,19 @@ def test_no_secret_in_anything_a_sweep_and_a_labeling_job_write(s3_bucket, ray_l
                       tune={"num_trials": 2, "max_concurrent_trials": 1}, tracking={"experiment": "secret-grep"})
     scfg, dims = load_sweep_config(path, [f"label.dataset.uri={s3_bucket}/voc"])
     assert run_sweep(scfg, dims).complete >= 1
+    from wsss_platform.predict.config import PredictConfig
+    from wsss_platform.predict.job import run_predict
+    from wsss_platform.train.config import TrainConfig
+    from wsss_platform.train.job import run_train
+
+    from .test_train import TINY_TRAIN
+
+    trained = run_train(build_config(TrainConfig, {}, [
+        f"dataset.uri={s3_bucket}/voc", f"output={s3_bucket}/seg", f"train.pseudo_masks={s3_bucket}/labels", *TINY_TRAIN,
+        "compute.num_workers=1", "train.iterations=2", "train.checkpoint_every=2", "tracking.experiment=secret-grep"]))
+    assert run_predict(build_config(PredictConfig, {}, [
+        f"checkpoint={trained.checkpoint}", f"dataset.uri={s3_bucket}/voc", f"output={s3_bucket}/pred",
+        "tracking.experiment=secret-grep"])).failed == 0
 
     needles = [TEST_KEY.encode(), TEST_SECRET.encode()]
     fs = s3fs.S3FileSystem()

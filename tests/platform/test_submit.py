@@ -4,6 +4,7 @@ import re
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from wsss_platform.cli import main
 from wsss_platform.datasets.demo import write_demo_dataset
@@ -13,7 +14,7 @@ from .test_sweep import sweep_file
 
 
 def job_id_from(out: str) -> str:
-    return re.search(r"submitted (?:label|sweep) job (\S+)", out).group(1)
+    return re.search(r"submitted (?:label|sweep|train|predict) job (\S+)", out).group(1)
 
 
 def test_submit_follow_status_logs_and_stop(tmp_path, ray_head, capsys):
@@ -71,3 +72,24 @@ def test_submit_sweep(tmp_path, ray_head, capsys):
     assert (tmp_path / "sweep" / "best.yaml").is_file()
     assert main(["jobs", "status", job_id_from(printed), "--address", ray_head]) == 0
     assert "SUCCEEDED" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_submit_train_then_predict(tmp_path, ray_head, capsys):
+    """`wsss submit train` and `wsss submit predict` run on the cluster and write what the local ones do."""
+    from .test_train import TINY_TRAIN
+
+    write_demo_dataset(str(tmp_path / "voc"), "voc", 8, seed=34)
+    seg = tmp_path / "seg"
+    rc = main(["submit", "train", "--address", ray_head, "--dataset", str(tmp_path / "voc"), "--pseudo-masks", "none",
+               "--output", str(seg), *TINY_TRAIN, "compute.num_workers=1", "train.iterations=2",
+               "train.checkpoint_every=2", "tracking.enabled=false", "--follow"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed[-3000:]
+    assert "[wsss train] trained 2 iterations" in printed
+    rc = main(["submit", "predict", "--address", ray_head, "--checkpoint", str(seg), "--dataset", str(tmp_path / "voc"),
+               "--split", "val", "--output", str(tmp_path / "pred"), "tracking.enabled=false", "--follow"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed[-3000:]
+    assert re.search(r"\[wsss predict\] predicted 2/2 images \(0 failed\)", printed)
+    assert len(list((tmp_path / "pred" / "masks").glob("*.png"))) == 2

@@ -48,11 +48,23 @@ def test_train_segmenter_two_workers_checkpoints_mlflow_and_resume(labelled, tmp
     assert len(models) == 1
     model = mlflow.pytorch.load_model(models[0].model_uri)  # the logged segmenter predicts at any size
     assert model(torch.randn(1, 3, 50, 70)).shape == (1, 11, 50, 70)
+    artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
+    assert {"preview.png", "per_class_val_iou.json"} <= artifacts
+    from PIL import Image
+
+    with Image.open(client.download_artifacts(summary.run_id, "preview.png", str(tmp_path))) as im:
+        assert im.size == (4 * 160, 4 * 192)  # image | prediction | pseudo mask | ground truth, 4 images
+    assert run.inputs.dataset_inputs[0].tags[0].value == "training"
 
     # The same command with a longer schedule continues from iteration 6, in the same MLflow run.
     again = run_train(build_config(TrainConfig, {}, [*base, "train.iterations=8"]))
     assert again.run_id == summary.run_id and again.iterations == 8
     assert [m.step for m in client.get_metric_history(summary.run_id, "loss")] == [1, 2, 3, 4, 5, 6, 7, 8]
+    # Other settings would be mixed into its checkpoints: refused, named; --overwrite starts over.
+    with pytest.raises(ConfigError, match=r"holds a training made with other settings \(changed: train.lr"):
+        run_train(build_config(TrainConfig, {}, [*base, "train.iterations=8", "train.lr=0.5"]))
+    fresh = run_train(build_config(TrainConfig, {}, [*base, "train.iterations=3", "overwrite=true"]))
+    assert fresh.run_id != summary.run_id and fresh.iterations == 3
 
 
 def test_missing_pseudo_masks_and_too_many_cpus_fail_clearly(labelled, tmp_path, ray_local):
@@ -121,3 +133,66 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(where, labelled, tmp_p
     assert sum(n.startswith("checkpoint_2") for n in names) == 2  # num_to_keep, all of one run
     assert summary.checkpoint and storage.exists(storage.join(summary.checkpoint, "checkpoint.pt"))
     assert [n for n in storage.list_names(out) if n != "train"] == ["train.json"]
+
+
+@pytest.mark.slow
+def test_two_nodes_keep_identical_parameters_and_the_loss_falls(tmp_path):
+    """2 Ray nodes on loopback, one gloo worker on each: parameters identical after every step."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_demo_dataset(str(tmp_path / "voc"), "voc", 16, seed=5)
+    result = tmp_path / "result.json"
+    script = Path(__file__).with_name("two_node_train.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "voc"), str(result)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(result.read_text())
+    assert seen["backend"] == "gloo" and len(set(seen["nodes"])) == 2
+    assert len(seen["max_param_diff"]) == 16 and max(seen["max_param_diff"]) == 0.0
+    losses = seen["losses"]
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+
+
+@pytest.mark.slow
+def test_training_sweep_with_tune_asha_and_mlflow_parent_and_children(labelled, tmp_path, ray_local, mlflow_server,
+                                                                       monkeypatch):
+    """`wsss sweep` over a training config: 4 trials, each a Ray Train run scored by val mIoU; ASHA; a
+    parent MLflow run with one child per trial; best.yaml is a training config `wsss train` accepts."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from wsss_platform.sweep.config import load_sweep_config
+    from wsss_platform.sweep.job import run_sweep
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    overrides = dict(o.split("=", 1) for o in TINY_TRAIN)
+    train: dict = {"dataset": {"uri": str(labelled / "voc")}, "output": str(tmp_path / "unused"),
+                   "train": {"pseudo_masks": str(labelled / "labels"), "iterations": 4}}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        train.setdefault(section, {})[name] = yaml.safe_load(value)
+    train["compute"] |= {"num_workers": 1, "cpus_per_worker": 0.4, "loader_cpus": 0.4}
+    doc = {"train": train, "search_space": {"train.mu": {"choices": [0.0, 0.5, 0.9, 0.95]}},
+           "tune": {"num_trials": 4, "max_concurrent_trials": 2, "report_chunks": 2, "seed": 1},
+           "output": str(tmp_path / "sweep"), "tracking": {"experiment": "train-sweep"}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(doc))
+    cfg, dims = load_sweep_config(tmp_path / "sweep.yaml")
+    summary = run_sweep(cfg, dims)
+    assert summary.complete + summary.stopped == 4 and summary.errored == 0, summary
+    assert summary.best_value is not None and 0 <= summary.best_value <= 1
+    best = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
+    assert best["train"]["mu"] == summary.best_params["train.mu"]
+    assert build_config(TrainConfig, best).train.mu in (0.0, 0.5, 0.9, 0.95)
+    trials = list((tmp_path / "sweep" / "trials").iterdir())
+    assert len(trials) == 4 and all(any(t.glob("train/checkpoint_*")) for t in trials)
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("train-sweep")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
+    assert len(children) == 4
+    assert {float(c.data.params["train.mu"]) for c in children} == {0.0, 0.5, 0.9, 0.95}
+    assert all("val_miou" in c.data.metrics and "objective" in c.data.metrics for c in children)
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["wsss.model"].startswith("open_clip:tiny")

@@ -34,9 +34,9 @@ from wsss_platform.datasets.base import decode_mask
 from wsss_platform.label import outputs
 from wsss_platform.label.actors import Labeler, Loader, LoadingLabeler, memory_per_actor
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.preview import PreviewRow, grid, iou_chart
 from wsss_platform.label.stages import check_model_paths, check_stages
 from wsss_platform.ownership import OutputLock, fingerprint, refuse_changed
+from wsss_platform.preview import PreviewRow, grid, iou_chart
 from wsss_platform.ray_utils import (
     check_credentials_reach_workers,
     cluster_gpus,

@@ -26,8 +26,8 @@ from wsss_core.types import CamOutput, PseudoMask
 from wsss_platform import storage
 from wsss_platform.config import build_config
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.preview import PreviewRow, grid
 from wsss_platform.label.stages import build_cam_source, build_masker, class_set, device_for
+from wsss_platform.preview import PreviewRow, grid
 from wsss_platform.storage import StorageOptions
 from wsss_platform.sweep import cache
 from wsss_platform.sweep.config import apply_params

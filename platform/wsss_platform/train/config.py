@@ -33,7 +33,10 @@ class Schedule(Section):
     flip: bool = True
     lr: float = Field(0.01, gt=0)
     head_lr_mult: float = Field(10.0, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """sgd (DeepLab's, with ``momentum``) or adamw (betas 0.9/0.999; ViT backbones usually train better with it)."""
     momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD only."""
     weight_decay: float = Field(1e-4, ge=0)
     warmup_iterations: int = Field(0, ge=0)
     poly_power: float = Field(0.9, ge=0)
@@ -59,7 +62,11 @@ class TrainCompute(Section):
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     loader_cpus: float = Field(0.5, gt=0)
-    """CPUs of the Ray Data actor that reads and augments the crops (beside the workers' CPUs)."""
+    """CPUs of each Ray Data actor that reads and augments the crops (beside the workers' CPUs)."""
+    loader_actors: int = Field(1, ge=1)
+    """At most this many loader actors (Ray Data scales the pool from 1 while the workers wait on data)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers: PACK fills a node first; STRICT_SPREAD puts each on its own node."""
     torch_threads: int | None = Field(None, ge=1)
     max_failures: int = Field(3, ge=0)
     """Worker-group restarts from the last checkpoint before the run fails."""
@@ -72,6 +79,8 @@ class TrainTracking(Section):
     run_name: str | None = None
     register_as: str | None = None
     """Register the final model under this name in the MLflow model registry."""
+    preview_images: int = Field(4, ge=0)
+    """Training images in the run's preview.png (image | prediction | pseudo mask | ground truth)."""
 
 
 class TrainConfig(Section):
@@ -82,4 +91,6 @@ class TrainConfig(Section):
     train: Schedule = Schedule()
     compute: TrainCompute = TrainCompute()
     tracking: TrainTracking = TrainTracking()
+    overwrite: bool = False
+    """Start over in an output that holds a training (its checkpoints and state are removed)."""
     ray_address: str | None = None

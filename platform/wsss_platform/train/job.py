@@ -22,6 +22,7 @@ from wsss_platform import storage
 from wsss_platform.config import ConfigError, flatten
 from wsss_platform.console import quiet_ray, verbose
 from wsss_platform.datasets import open_dataset
+from wsss_platform.ownership import OutputLock, fingerprint, refuse_changed
 from wsss_platform.ray_utils import (
     check_credentials_reach_workers,
     cluster_gpus,
@@ -65,12 +66,36 @@ def _val(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str]]:
     return val_cfg.worker_payload(), list(ds.ids)
 
 
-def _state(cfg: TrainConfig) -> dict[str, Any]:
-    uri = storage.join(cfg.output, "train.json")
-    return json.loads(storage.read_text(uri, cfg.dataset.storage)) if storage.exists(uri, cfg.dataset.storage) else {}
+RESUMABLE_KEYS = ("iterations", "checkpoint_every", "eval_every", "eval_scales", "eval_flip")
+"""train.* keys a continued training may change (a longer schedule, other evaluation)."""
 
 
-def _trainer(cfg: TrainConfig, loop_config: dict[str, Any], train_ds):
+def train_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes a training the same one: the data, labels, model and schedule, not where or how it runs."""
+    data = {k: config["dataset"].get(k) for k in ("uri", "layout", "split", "labels_from", "limit")}
+    schedule = {k: v for k, v in config["train"].items() if k not in RESUMABLE_KEYS}
+    return {"dataset": data, "model": config["model"], "train": schedule}
+
+
+def claim(cfg: TrainConfig, log) -> dict[str, Any]:
+    """The output's training state: {} for a new one (or after overwrite); refuses one trained with
+    other settings, which a continued run would silently mix into its checkpoints."""
+    uri, opts = storage.join(cfg.output, "train.json"), cfg.dataset.storage
+    if cfg.overwrite:
+        for name in ("train", "train.json"):
+            storage.remove(storage.join(cfg.output, name), opts)
+        return {}
+    if not storage.exists(uri, opts):
+        return {}
+    state = json.loads(storage.read_text(uri, opts))
+    old, new = train_settings(state["config"]), train_settings(cfg.model_dump(mode="json"))
+    if fingerprint(old) != fingerprint(new):
+        refuse_changed(cfg.output, old, new, "a training")
+    log(f"[wsss train] {cfg.output} holds this training: continuing from its last checkpoint")
+    return state
+
+
+def _trainer(cfg: TrainConfig, loop_config: dict[str, Any], train_ds, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -80,42 +105,67 @@ def _trainer(cfg: TrainConfig, loop_config: dict[str, Any], train_ds):
     return TorchTrainer(
         loop.train_loop_per_worker, train_loop_config=loop_config, datasets={"train": train_ds},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.compute.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cfg.compute.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.compute.cpus_per_worker},
+                                               placement_strategy=cfg.compute.placement_strategy),
         run_config=ray.train.RunConfig(
             name=NAME, storage_path=root, storage_filesystem=pa_fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.compute.checkpoints_to_keep, checkpoint_score_attribute="val_miou" if has_val else None,
                 checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures), callbacks=callbacks,
             # Train's own per-report and setup lines only with --verbose; the loop prints one line per checkpoint
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")))
 
 
-def _check_cpus(cfg: TrainConfig) -> None:
+def check_cpus(cfg: TrainConfig, concurrent: int = 1, overhead: float = 0.0) -> None:
     """The workers and the data loader must fit at once, or Ray Data waits for CPUs forever."""
     import ray
 
     c = cfg.compute
-    need, have = c.num_workers * c.cpus_per_worker + c.loader_cpus, ray.cluster_resources().get("CPU", 0)
+    need = concurrent * (c.num_workers * c.cpus_per_worker + c.loader_cpus + overhead)
+    have = ray.cluster_resources().get("CPU", 0)
     if need > have:
-        raise ConfigError(f"compute: {c.num_workers} workers × cpus_per_worker {c.cpus_per_worker} + loader_cpus "
-                          f"{c.loader_cpus} = {need:g} CPUs, the cluster has {have:g}; lower compute.cpus_per_worker "
-                          "or compute.num_workers")
+        times = f"{concurrent} concurrent trainings × (" if concurrent > 1 else ""
+        raise ConfigError(f"compute: {times}{c.num_workers} workers × cpus_per_worker {c.cpus_per_worker} + loader_cpus "
+                          f"{c.loader_cpus}{')' if times else ''} = {need:g} CPUs, the cluster has {have:g}; lower "
+                          "compute.cpus_per_worker or compute.num_workers" + (" or tune.max_concurrent_trials" if times else ""))
 
 
-def _log_model(cfg: TrainConfig, result, num_classes: int, run: JobRun) -> None:
+def _log_model(cfg: TrainConfig, model: torch.nn.Module, run: JobRun) -> None:
     """The trained segmenter as an MLflow model (registered under ``tracking.register_as``)."""
     import mlflow.pytorch
 
-    from wsss_core.models.segmenter import create_segmenter
-
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, loop.CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-    model = create_segmenter(cfg.model.backbone, num_classes, None, cfg.model.head, cfg.model.output_stride)
-    model.load_state_dict(state["model"])
     # pickle: the pt2 format would trace the model on an input example of one fixed size
-    mlflow.pytorch.log_model(model.eval(), name="model", run_id=run.run_id, serialization_format="pickle",
+    mlflow.pytorch.log_model(model, name="model", run_id=run.run_id, serialization_format="pickle",
                              registered_model_name=cfg.tracking.register_as)
+
+
+def _preview_rows(cfg: TrainConfig, ds) -> list[tuple[str, Any, Any, Any]]:
+    from wsss_platform.datasets.base import decode_mask
+    from wsss_platform.label import outputs
+
+    rows = []
+    for image_id in ds.ids[: cfg.tracking.preview_images]:
+        row = ds.load(image_id)
+        pseudo = row.mask if data.uses_ground_truth(cfg) else decode_mask(
+            storage.read_bytes(outputs.pseudo_uri(cfg.train.pseudo_masks, image_id), cfg.dataset.storage), image_id)
+        rows.append((image_id, row.image, pseudo, row.mask))
+    return rows
+
+
+def _track(cfg: TrainConfig, ds, summary: TrainSummary, run: JobRun) -> None:
+    """The final checkpoint's URI as a tag, the model, the per-class val IoU and a preview grid."""
+    from wsss_platform.train import checkpoint, evaluate
+
+    run.client.set_tag(run.run_id, "wsss.checkpoint", summary.checkpoint)
+    model, names = checkpoint.load_segmenter(summary.checkpoint, cfg.dataset.storage)
+    _log_model(cfg, model, run)
+    iou = {n: summary.metrics.get(f"val_iou/{n}") for n in names}
+    if summary.val_miou is not None:
+        run.log_table({"class": list(iou), "val_iou": [None if v is None else round(v, 4) for v in iou.values()]},
+                      "per_class_val_iou.json")
+    if cfg.tracking.preview_images:
+        run.log_bytes(evaluate.preview(model, _preview_rows(cfg, ds)), "preview.png")
 
 
 def _keep_registered_checkpoints(cfg: TrainConfig, result) -> str | None:
@@ -136,23 +186,70 @@ def _keep_registered_checkpoints(cfg: TrainConfig, result) -> str | None:
     return storage.join(root, os.path.basename(result.checkpoint.path.rstrip("/")))
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute on the driver: Train's workers run in a folder of their own."""
+    from wsss_core.models.weights import looks_like_path
+
+    def path(value: str) -> str:
+        return storage.absolute(value) if looks_like_path(value) else value
+
+    backbone = cfg.model.backbone
+    if backbone.startswith("open_clip:"):
+        backbone = "open_clip:" + path(backbone.removeprefix("open_clip:"))
+    pseudo = cfg.train.pseudo_masks if data.uses_ground_truth(cfg) else storage.absolute(cfg.train.pseudo_masks)
+    return cfg.model_copy(update={
+        "output": storage.absolute(cfg.output.rstrip("/")),
+        "dataset": cfg.dataset.model_copy(update={"uri": storage.absolute(cfg.dataset.uri)}),
+        "model": cfg.model.model_copy(update={"backbone": backbone, "pretrained": path(cfg.model.pretrained)}),
+        "train": cfg.train.model_copy(update={"pseudo_masks": pseudo})})
+
+
+@dataclass
+class Plan:
+    """What a training needs before Ray Train starts, checked on the driver."""
+
+    cfg: TrainConfig
+    ds: Any
+    loop_config: dict[str, Any]
+    payload: dict[str, Any]
+
+    def trainer(self, callbacks: list | None = None):
+        return _trainer(self.cfg, self.loop_config, data.train_dataset(self.cfg, self.ds.ids, self.payload), callbacks)
+
+
+def plan(cfg: TrainConfig) -> Plan:
+    """Paths made absolute, the split opened, the labels and the val split checked (no Ray needed)."""
+    cfg = absolute_paths(cfg)
+    ds = open_dataset(cfg.dataset)
+    data.check_pseudo_masks(cfg, ds.ids)
+    val_payload, val_ids = _val(cfg)
+    payload = cfg.dataset.worker_payload()
+    names = ["background", *ds.classes.names]
+    loop_config = {"cfg": cfg.model_dump(mode="json") | {"dataset": payload}, "num_classes": len(names),
+                   "class_names": names, "val_dataset": val_payload, "val_ids": val_ids, "verbose": verbose()}
+    return Plan(cfg, ds, loop_config, payload)
+
+
 def run_train(cfg: TrainConfig, log=print) -> TrainSummary:
     t0 = time.perf_counter()
     check_credentials_reach_workers(cfg.ray_address, cfg.dataset.storage)
     storage.export_credentials(cfg.dataset.storage)
-    cfg = cfg.model_copy(update={"output": cfg.output.rstrip("/")})
-    ds = open_dataset(cfg.dataset)
-    data.check_pseudo_masks(cfg, ds.ids)
-    val_payload, val_ids = _val(cfg)
-    init_ray(cfg.ray_address, cfg.dataset.storage)
+    p = plan(cfg)
+    # Train V2's placement-group cleaner asks the State API (served by the dashboard) whether the
+    # controller lives; without a dashboard it warns every few seconds for the whole run.
+    init_ray(cfg.ray_address, cfg.dataset.storage, include_dashboard=True)
     quiet_ray()
-    _check_cpus(cfg)
-    payload = cfg.dataset.worker_payload()
-    names = ["background", *ds.classes.names]
-    loop_config = {"cfg": cfg.model_dump(mode="json") | {"dataset": payload}, "num_classes": len(names),
-                   "class_names": names, "val_dataset": val_payload, "val_ids": val_ids}
-    summary = TrainSummary(output=cfg.output)
-    state = _state(cfg)
+    check_cpus(p.cfg)
+    summary = TrainSummary(output=p.cfg.output)
+    with OutputLock(p.cfg.output, cfg.dataset.storage, "wsss train"):
+        _fit(p, claim(p.cfg, log), summary, log)
+    summary.seconds = time.perf_counter() - t0
+    log(f"[wsss train] {summary.line()}")
+    return summary
+
+
+def _fit(p: Plan, state: dict[str, Any], summary: TrainSummary, log) -> None:
+    cfg, ds, loop_config = p.cfg, p.ds, p.loop_config
     log(f"[wsss train] {ds.uri} split {cfg.dataset.split}: {len(ds.ids)} images, "
         f"{'ground truth' if data.uses_ground_truth(cfg) else 'pseudo masks ' + cfg.train.pseudo_masks}, "
         f"{cfg.compute.num_workers} worker(s), {cfg.train.iterations} iterations -> {cfg.output}")
@@ -161,20 +258,18 @@ def run_train(cfg: TrainConfig, log=print) -> TrainSummary:
             loop_config["mlflow"] = {"tracking_uri": tracking_uri(), "run_id": run.run_id}
             summary.run_id, summary.run_url = run.run_id, run.url
             log(f"[wsss train] MLflow run: {run.url}")
+            run.log_dataset(f"{os.path.basename(ds.uri.rstrip('/'))}/{cfg.dataset.split}", ds.uri,
+                            fingerprint({"uri": ds.uri, "split": cfg.dataset.split, "ids": ds.ids}), "training")
         storage.write_text(storage.join(cfg.output, "train.json"), json.dumps(
             {"config": loop_config["cfg"], "mlflow_run_id": summary.run_id, "code": code_version()}, indent=2),
             cfg.dataset.storage)
-        result = _trainer(cfg, loop_config, data.train_dataset(cfg, ds.ids, payload)).fit()
+        result = p.trainer().fit()
         summary.metrics = dict(result.metrics or {})
         summary.iterations = int(summary.metrics.get("iteration", 0))
         summary.val_miou = summary.metrics.get("val_miou")
         summary.checkpoint = _keep_registered_checkpoints(cfg, result)
-        if run is not None:
-            run.client.set_tag(run.run_id, "wsss.checkpoint", str(summary.checkpoint))
-            _log_model(cfg, result, len(names), run)
-    summary.seconds = time.perf_counter() - t0
-    log(f"[wsss train] {summary.line()}")
-    return summary
+        if run is not None and summary.checkpoint:
+            _track(cfg, ds, summary, run)
 
 
 def _job_run(cfg: TrainConfig, ds, state: dict[str, Any]):

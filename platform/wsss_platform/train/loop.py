@@ -5,28 +5,28 @@ Per worker: the segmenter (DDP through ``ray.train.torch.prepare_model``), SGD w
 CGL on the streamed shard of crops. Every ``checkpoint_every`` iterations the model, optimiser,
 scheduler and iteration go to ``ray.train.report`` (rank 0 writes the checkpoint), so a restarted
 worker group resumes at the iteration after it: none lost, none run twice. Every ``eval_every``
-iterations the val split is scored, each worker a slice of it, confusion matrices all-reduced.
+iterations the val split is scored (``evaluate``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
-from wsss_core.inference import predict_probs
 from wsss_core.losses import cgl_loss
-from wsss_core.metrics import ConfusionMatrix
 from wsss_core.models.segmenter import create_segmenter
+from wsss_platform.train import evaluate
+from wsss_platform.train.checkpoint import FILE as CHECKPOINT_FILE
+from wsss_platform.train.checkpoint import segmenter_spec
 from wsss_platform.train.config import TrainConfig
-
-CHECKPOINT_FILE = "checkpoint.pt"
+from wsss_platform.train.evaluate import unwrap
 
 
 def poly_lambda(iterations: int, warmup: int, power: float):
@@ -51,7 +51,9 @@ def build(cfg: TrainConfig, num_classes: int, weights: Any):
 
     model = create_segmenter(cfg.model.backbone, num_classes, weights, cfg.model.head, cfg.model.output_stride)
     t = cfg.train
-    optimizer = torch.optim.SGD(model.param_groups(t.lr, t.head_lr_mult, t.weight_decay), lr=t.lr, momentum=t.momentum)
+    groups = model.param_groups(t.lr, t.head_lr_mult, t.weight_decay)
+    optimizer = (torch.optim.AdamW(groups, lr=t.lr) if t.optimizer == "adamw"
+                 else torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(t.iterations, t.warmup_iterations, t.poly_power))
     return ray.train.torch.prepare_model(model), optimizer, scheduler
 
@@ -71,12 +73,10 @@ def restore(model, optimizer, scheduler) -> int:
     return int(state["iteration"])
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def report(metrics: dict[str, float], model=None, optimizer=None, scheduler=None, iteration: int = 0) -> None:
-    """``ray.train.report`` on every worker; with a model, rank 0 attaches a checkpoint."""
+def report(metrics: dict[str, float], model=None, optimizer=None, scheduler=None, iteration: int = 0,
+           spec: dict[str, Any] | None = None) -> None:
+    """``ray.train.report`` on every worker; with a model, rank 0 attaches a checkpoint (``spec``: what
+    rebuilds the network, see ``checkpoint.segmenter_spec``)."""
     import ray.train
 
     if model is None or ray.train.get_context().get_world_rank() != 0:
@@ -84,27 +84,9 @@ def report(metrics: dict[str, float], model=None, optimizer=None, scheduler=None
         return
     with tempfile.TemporaryDirectory() as d:
         torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "iteration": iteration}, os.path.join(d, CHECKPOINT_FILE))
+                    "scheduler": scheduler.state_dict(), "iteration": iteration, "segmenter": spec},
+                   os.path.join(d, CHECKPOINT_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, ds, ids: list[str], num_classes: int, device: torch.device,
-             scales: list[float], flip: bool) -> ConfusionMatrix:
-    """This worker's slice of ``ids`` scored, then the confusion matrices summed over workers."""
-    net = unwrap(model)
-    net.eval()
-    cm = ConfusionMatrix(num_classes)
-    for image_id in ids[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else ids:
-        row = ds.load(image_id)
-        pixels = net.normalize(torch.from_numpy(np.array(row.image))[None].to(device))
-        pred = predict_probs(net, pixels, scales, flip)[0].argmax(0).cpu()
-        cm.update(pred, row.mask)
-    net.train()
-    total = torch.as_tensor(cm.matrix, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return ConfusionMatrix.from_list(total.cpu().long().tolist())
 
 
 class StepLog:
@@ -148,25 +130,15 @@ def step(model, optimizer, scheduler, batch: dict[str, torch.Tensor], mu: float,
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         logits = model(pixels)
     loss = cgl_loss(logits, mask, conf, mu)
+    if not torch.isfinite(loss):
+        # diverged: every later step would be NaN too (and each restart would diverge again)
+        raise FloatingPointError(f"the loss is {float(loss)} at step {scheduler.last_epoch + 1}: training diverged; lower "
+                                 "train.lr (or train.head_lr_mult), or add train.warmup_iterations")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     scheduler.step()
     return float(loss.detach())
-
-
-def validation(cfg: TrainConfig, model, ds, config: dict[str, Any], device: torch.device,
-               final: bool) -> dict[str, float]:
-    """val mIoU (single-scale while training; the configured scales and flip at the end); ``ds`` the
-    val split, None when there is none."""
-    if ds is None:
-        return {}
-    scales, flip = (cfg.train.eval_scales, cfg.train.eval_flip) if final else ([1.0], False)
-    cm = evaluate(model, ds, config["val_ids"], config["num_classes"], device, scales, flip)
-    names = config["class_names"]
-    out = {"val_miou": cm.miou()}
-    out |= {f"val_iou/{n}": v for n, v in zip(names, cm.iou().tolist(), strict=True) if not math.isnan(v)}
-    return out
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -177,6 +149,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from wsss_platform.label.stages import resolve_weights
 
     cfg = TrainConfig.model_validate(config["cfg"])
+    if not config.get("verbose"):  # Train's per-report INFO lines reach the console whatever LoggingConfig says
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     if cfg.compute.torch_threads:
         torch.set_num_threads(cfg.compute.torch_threads)
     torch.manual_seed(cfg.train.seed)  # the same initial head on every worker (DDP broadcasts it too)
@@ -186,6 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     it = restore(model, optimizer, scheduler)
     rank0 = ray.train.get_context().get_world_rank() == 0
     log, amp, t = StepLog(config.get("mlflow") if rank0 else None), _amp_dtype(cfg, device), cfg.train
+    spec = segmenter_spec(config["cfg"]["model"], config["class_names"])
     shard = ray.train.get_dataset_shard("train")
     # the val split's index once per worker (a COCO index parses its annotation file)
     val_ds = open_dataset(DatasetConfig.model_validate(config["val_dataset"])) if config["val_ids"] else None
@@ -198,15 +173,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "iteration": it,
                        "images_per_s": seen / (time.perf_counter() - t0)}
             if it % t.eval_every == 0 or it == t.iterations:
-                metrics |= validation(cfg, model, val_ds, config, device, final=it == t.iterations)
+                metrics |= evaluate.validation(cfg, model, val_ds, config, device, final=it == t.iterations)
             checkpoint = it % t.checkpoint_every == 0 or it == t.iterations
             if checkpoint:
-                report(metrics, model, optimizer, scheduler, it)
+                report(metrics, model, optimizer, scheduler, it, spec)
             log.add(metrics, it, flush=checkpoint)  # after the checkpoint is saved
             if checkpoint and rank0:
                 val = f" · val mIoU {metrics['val_miou']:.4f}" if "val_miou" in metrics else ""
-                print(f"[wsss train] iteration {it}/{t.iterations} · loss {loss:.4f} · "
-                      f"{metrics['images_per_s']:.1f} img/s{val} · checkpoint", flush=True)
+                # not print(): Train patches it to log through its logger too, and the line would show twice
+                sys.stdout.write(f"[wsss train] iteration {it}/{t.iterations} · loss {loss:.4f} · "
+                                 f"{metrics['images_per_s']:.1f} img/s{val} · checkpoint\n")
+                sys.stdout.flush()
             if it >= t.iterations:
                 break
         if it == before:

@@ -1,7 +1,8 @@
 """Pictures for MLflow: a titled preview grid and a per-class IoU chart.
 
-Preview: one row per image, titled with its id and present classes: image | the CAM of each
-present class | pseudo mask | ground truth.
+Labeling preview: one row per image, titled with its id and present classes: image | the CAM of
+each present class | pseudo mask | ground truth. ``panels`` draws any such grid (the segmenter's:
+image | prediction | pseudo mask | ground truth).
 """
 
 from __future__ import annotations
@@ -46,32 +47,49 @@ def _cell(array: np.ndarray, size: tuple[int, int], nearest: bool) -> Image.Imag
     return Image.fromarray(array).resize(size, Image.NEAREST if nearest else Image.BILINEAR)
 
 
-def grid(rows: list[PreviewRow], cell: int = 160, title_h: int = 16) -> bytes:
-    """PNG bytes of the titled grid."""
-    pal = voc_palette()
-    k_max = max((len(r.class_names) for r in rows), default=1) or 1
-    cols = 3 + k_max
+Cell = tuple[str, np.ndarray | None, bool]
+"""(label, uint8 [H, W, 3] picture or None for an empty cell, nearest-neighbour resize)"""
+
+
+def panels(rows: list[tuple[str, list[Cell]]], cell: int = 160, title_h: int = 16) -> bytes:
+    """PNG bytes of a grid: one titled row of labelled pictures per (title, cells)."""
+    cols = max((len(cells) for _, cells in rows), default=1) or 1
     height = cell + 2 * title_h
     out = Image.new("RGB", (cols * cell, height * max(1, len(rows))), BG)
     draw = ImageDraw.Draw(out)
-    for i, r in enumerate(rows):
+    for i, (title, cells) in enumerate(rows):
         y = i * height
-        h, w = r.image.shape[:2]
-        scale = cell / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        gt = pal[r.gt] if r.gt is not None and r.gt.size else np.zeros((h, w, 3), np.uint8)
-        cells = [("image", _cell(r.image, size, False))]
-        cells += [(f"CAM {n}", _cell(heatmap(c), size, False)) for n, c in zip(r.class_names, r.cams, strict=True)]
-        cells += [("", None)] * (k_max - len(r.class_names))
-        cells += [("pseudo mask", _cell(pal[r.mask], size, True)), ("ground truth", _cell(gt, size, True))]
-        draw.text((4, y + 2), f"{r.image_id}: {', '.join(r.class_names) or 'no class'}", fill=FG)
-        for j, (label, im) in enumerate(cells):
-            if im is not None:
-                out.paste(im, (j * cell, y + title_h))
-                draw.text((j * cell + 4, y + title_h + cell + 2), label, fill=FG)
+        draw.text((4, y + 2), title, fill=FG)
+        for j, (label, picture, nearest) in enumerate(cells):
+            if picture is None:
+                continue
+            h, w = picture.shape[:2]
+            scale = cell / max(h, w)
+            out.paste(_cell(picture, (max(1, round(w * scale)), max(1, round(h * scale))), nearest), (j * cell, y + title_h))
+            draw.text((j * cell + 4, y + title_h + cell + 2), label, fill=FG)
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def colour(mask: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+    """uint8 [H, W] labels (255 = ignore) -> VOC colours; black when there is no mask."""
+    if mask is None or not mask.size:
+        return np.zeros((*like.shape[:2], 3), np.uint8)
+    return voc_palette()[mask]
+
+
+def grid(rows: list[PreviewRow], cell: int = 160, title_h: int = 16) -> bytes:
+    """PNG bytes of the labeling preview: image | CAM per present class | pseudo mask | ground truth."""
+    k_max = max((len(r.class_names) for r in rows), default=1) or 1
+    out = []
+    for r in rows:
+        cells: list[Cell] = [("image", r.image, False)]
+        cells += [(f"CAM {n}", heatmap(c), False) for n, c in zip(r.class_names, r.cams, strict=True)]
+        cells += [("", None, False)] * (k_max - len(r.class_names))
+        cells += [("pseudo mask", colour(r.mask, r.image), True), ("ground truth", colour(r.gt, r.image), True)]
+        out.append((f"{r.image_id}: {', '.join(r.class_names) or 'no class'}", cells))
+    return panels(out, cell, title_h)
 
 
 def iou_chart(iou: dict[str, float], iou_raw: dict[str, float], title: str) -> bytes:

@@ -1,0 +1,57 @@
+"""What a ``wsss train`` checkpoint holds, and loading a segmenter back from one (local or s3://).
+
+``checkpoint.pt`` in each ``checkpoint_*`` folder: ``model`` (state dict), ``optimizer``,
+``scheduler``, ``iteration``, and ``segmenter`` (backbone, head, output stride, class names): enough
+to rebuild the network with no config at hand (``wsss predict``, the MLflow model, previews).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+
+from wsss_platform import storage
+from wsss_platform.storage import StorageOptions
+
+FILE = "checkpoint.pt"
+
+
+def segmenter_spec(model_cfg: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
+    return {"backbone": model_cfg["backbone"], "head": model_cfg["head"], "output_stride": model_cfg["output_stride"],
+            "class_names": list(class_names)}
+
+
+def resolve(uri: str, options: StorageOptions | None = None) -> str:
+    """A checkpoint folder as given, or a training output's (``train.json`` beside ``train/``) latest."""
+    uri = uri.rstrip("/")
+    if storage.exists(storage.join(uri, FILE), options):
+        return uri
+    root = storage.join(uri, "train")
+    folders = sorted(n for n in storage.list_names(root, options) if n.startswith("checkpoint_") and "." in n[11:]
+                     and storage.exists(storage.join(root, n, FILE), options))
+    if not folders:
+        raise ValueError(f"--checkpoint: no {FILE} in {uri} nor a checkpoint_* folder in {root}; give a checkpoint "
+                         "folder or the output of `wsss train`")
+    return storage.join(root, folders[-1])  # Train names them by time
+
+
+def load_state(uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
+    """The checkpoint's contents, on CPU."""
+    data = storage.read_bytes(storage.join(uri, FILE), options)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def load_segmenter(uri: str, options: StorageOptions | None = None) -> tuple[torch.nn.Module, list[str]]:
+    """(segmenter in eval mode with the checkpoint's weights, class names with background first)."""
+    from wsss_core.models.segmenter import create_segmenter
+
+    state = load_state(uri, options)
+    spec = state.get("segmenter")
+    if spec is None:
+        raise ValueError(f"{storage.join(uri, FILE)} has no segmenter spec (written by an older wsss train); "
+                         "retrain or continue training with this version")
+    model = create_segmenter(spec["backbone"], len(spec["class_names"]), None, spec["head"], spec["output_stride"])
+    model.load_state_dict(state["model"])
+    return model.eval(), spec["class_names"]

@@ -12,7 +12,7 @@ from wsss_platform.label.config import LabelConfig
 from wsss_platform.ownership import fingerprint
 from wsss_platform.sweep.config import load_sweep_config, parse_search_space, resolve_params
 from wsss_platform.sweep.objective import choose_subset
-from wsss_platform.sweep.results import best_label_data
+from wsss_platform.sweep.results import best_job_data
 from wsss_platform.sweep.state import sweep_settings
 
 LABEL = {"model": {"name": "tiny", "pretrained": "none"}, "refine": ["caa"]}
@@ -97,7 +97,7 @@ def test_params_resolve_to_labeling_keys_and_best_config_loads():
     from wsss_platform.sweep.config import SweepConfig
 
     cfg = build_config(SweepConfig, {"label": label})
-    best = best_label_data(cfg, {"caa.t": 3, "text.template": "a photo of a {}."})
+    best = best_job_data(cfg, {"caa.t": 3, "text.template": "a photo of a {}."})
     assert "key" not in best["dataset"]["storage"] and "secret" not in best["dataset"]["storage"]
     loaded = build_config(LabelConfig, best)
     assert loaded.caa.t == 3 and loaded.text.template == "a photo of a {}." and loaded.model.name == "tiny"
@@ -170,3 +170,22 @@ def test_sources_and_refiner_lists_are_dimensions(tmp_path):
     # the two CLIP sources share one feature cache, not one CAM cache
     a, b = cfg.label, build_config(LabelConfig, label)
     assert cache.features_uri("o", a) == cache.features_uri("o", b) and cache.cams_uri("o", a) != cache.cams_uri("o", b)
+
+
+def test_a_training_sweep_is_validated_against_the_training_config(tmp_path):
+    """`train:` instead of `label:`: training keys only, bounds checked by TrainConfig, val mIoU only."""
+    from wsss_platform.sweep.train_objective import trial_config
+
+    cfg, dims = load_sweep_config(Path(__file__).parents[2] / "jobs" / "configs" / "synthshapes-train-sweep.yaml")
+    assert cfg.train is not None and cfg.job is cfg.train and [d.name for d in dims][:2] == ["train.mu", "train.lr"]
+    with pytest.raises(ConfigError, match=r"search_space.train.mu: high bound 1.5 is not a valid value"):
+        load_sweep_config(None, ["train={}", "search_space={\"train.mu\": {\"low\": 0.5, \"high\": 1.5}}"])
+    with pytest.raises(ConfigError, match=r"search_space.caa.t: not a sweepable training key"):
+        load_sweep_config(None, ["train={}", "search_space={\"caa.t\": {\"low\": 1, \"high\": 2}}"])
+    with pytest.raises(ConfigError, match=r"a training sweep scores val mIoU"):
+        load_sweep_config(None, ["train={}", "objective=sharpness", "search_space={\"train.mu\": {\"choices\": [0.9]}}"])
+    # A trial: its params set, evaluated at report_chunks evenly spaced points, its own output, no MLflow run.
+    trial = trial_config(cfg.train.model_dump(mode="json"), {"train.mu": 0.5, "train.head_lr_mult": 1}, "out/t1", 3)
+    assert (trial.train.mu, trial.train.head_lr_mult, trial.output) == (0.5, 1.0, "out/t1")
+    every = -(-cfg.train.train.iterations // 3)
+    assert trial.train.eval_every == trial.train.checkpoint_every == every and not trial.tracking.enabled

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from wsss_core.registry import REFINERS
 from wsss_platform.config import ConfigError, Section, apply_overrides, build_config, read_yaml
 from wsss_platform.label.config import REPLACED, LabelConfig
+from wsss_platform.train.config import TrainConfig
 
 
 def sweepable_keys() -> list[str]:
@@ -83,6 +84,9 @@ class SweepTracking(Section):
 class SweepConfig(Section):
     label: LabelConfig = LabelConfig()
     """The labeling config being tuned (inline, or a path to its YAML in the file)."""
+    train: TrainConfig | None = None
+    """A training config instead (inline, or a path): each trial trains a segmenter on Ray Train and
+    reports its val mIoU; the search space then holds ``train.*`` / ``model.*`` keys."""
     objective: Literal["miou", "sharpness"] = "miou"
     """miou: pseudo-mask mIoU on the subset (needs ground truth; maximised). sharpness: label-free
     prompt score of the CLIP sources (minimised)."""
@@ -98,6 +102,21 @@ class SweepConfig(Section):
     @property
     def mode(self) -> Literal["max", "min"]:
         return "max" if self.objective == "miou" else "min"
+
+    @property
+    def job(self) -> LabelConfig | TrainConfig:
+        """The config whose settings the trials vary."""
+        return self.train if self.train is not None else self.label
+
+    @property
+    def storage(self):
+        return self.job.dataset.storage
+
+    @model_validator(mode="after")
+    def _training_objective(self) -> SweepConfig:
+        if self.train is not None and self.objective != "miou":
+            raise ValueError("objective: a training sweep scores val mIoU (miou); sharpness is for labeling sweeps")
+        return self
 
 
 @dataclass(frozen=True)
@@ -123,24 +142,26 @@ class Dim:
         return self.name.split(CONDITIONAL_SEP, 1)[1] if CONDITIONAL_SEP in self.name else None
 
 
-def _field_type(key: str) -> type:
+def _field_type(key: str, cls: type[Section] = LabelConfig) -> type:
     section, _, name = key.rpartition(".")
-    fields = LabelConfig.model_fields[section].annotation.model_fields if section else LabelConfig.model_fields  # type: ignore[union-attr]
+    fields = cls.model_fields[section].annotation.model_fields if section else cls.model_fields  # type: ignore[union-attr]
     return fields[name].annotation  # type: ignore[return-value]
 
 
-def _check_value(base: dict[str, Any], key: str, value: Any, what: str, extra: dict[str, Any] | None = None) -> None:
-    """Raise ConfigError naming ``key`` unless the labeling config accepts ``value`` there."""
+def _check_value(base: dict[str, Any], key: str, value: Any, what: str, extra: dict[str, Any] | None = None,
+                 cls: type[Section] = LabelConfig) -> None:
+    """Raise ConfigError naming ``key`` unless the swept config (``cls``) accepts ``value`` there."""
     overrides = {key: value, **(extra or {})}
     data = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     try:
-        build_config(LabelConfig, data, source="label")
+        build_config(cls, data, source=cls.__name__)
     except ConfigError as e:
         detail = str(e).split("\n", 1)[-1].strip()
         raise ConfigError(f"search_space.{key}: {what} {value!r} is not a valid value: {detail}") from None
 
 
-def _parse_dim(base: dict[str, Any], name: str, decl: Any, extra: dict[str, Any] | None = None) -> Dim:
+def _parse_dim(base: dict[str, Any], name: str, decl: Any, extra: dict[str, Any] | None = None,
+               cls: type[Section] = LabelConfig) -> Dim:
     key = name.split(CONDITIONAL_SEP, 1)[0]
     where = f"search_space.{key}" + (f".{name.split(CONDITIONAL_SEP)[1]}" if CONDITIONAL_SEP in name else "")
     if not isinstance(decl, dict):
@@ -159,7 +180,7 @@ def _parse_dim(base: dict[str, Any], name: str, decl: Any, extra: dict[str, Any]
             if c is not None and not isinstance(c, bool | int | float | str) and not lists:
                 raise ConfigError(f"{where}: choice {c!r} must be a string, number, boolean or null"
                                   + (" (refine: lists of refiner names)" if key == "refine" else ""))
-            _check_value(base, key, c, "choice", extra)
+            _check_value(base, key, c, "choice", extra, cls)
         if key == "refine":
             choices = [REFINE_SEP.join(c) if isinstance(c, list) else c for c in choices]
         if len(set(map(json.dumps, choices))) != len(choices):
@@ -167,7 +188,7 @@ def _parse_dim(base: dict[str, Any], name: str, decl: Any, extra: dict[str, Any]
         return Dim(name, "categorical", tuple(choices))
     if "low" not in decl or "high" not in decl:
         raise ConfigError(f"{where}: a range needs both low and high (or use choices: [...])")
-    ftype = _field_type(key)
+    ftype = _field_type(key, cls)
     if ftype in (bool, str) or getattr(ftype, "__origin__", None) in (Literal, list):
         raise ConfigError(f"{where}: {key} is not numeric; declare it with choices: [...]")
     low, high, log, step = decl["low"], decl["high"], bool(decl.get("log", False)), decl.get("step")
@@ -186,7 +207,7 @@ def _parse_dim(base: dict[str, Any], name: str, decl: Any, extra: dict[str, Any]
     if step is not None and (not isinstance(step, int | float) or step <= 0):
         raise ConfigError(f"{where}: step must be a positive number, got {step!r}")
     for bound, v in (("low", low), ("high", high)):
-        _check_value(base, key, int(v) if kind == "int" else float(v), f"{bound} bound", extra)
+        _check_value(base, key, int(v) if kind == "int" else float(v), f"{bound} bound", extra, cls)
     return Dim(name, kind, (), float(low), float(high), log, None if step is None else float(step))
 
 
@@ -234,6 +255,26 @@ def parse_search_space(space: dict[str, Any], label: LabelConfig) -> list[Dim]:
     return dims
 
 
+def train_sweepable_keys() -> list[str]:
+    """Keys a training sweep may search: the schedule (not where labels come from or what is scored)
+    and the model's head and weights."""
+    fixed = {"pseudo_masks", "val_split", "iterations", "checkpoint_every", "eval_every", "eval_scales", "eval_flip"}
+    return [f"train.{k}" for k in TrainConfig.model_fields["train"].annotation.model_fields if k not in fixed] + [  # type: ignore[union-attr]
+        "model.head", "model.pretrained", "model.output_stride"]
+
+
+def parse_train_space(space: dict[str, Any], train: TrainConfig) -> list[Dim]:
+    """Validate a training sweep's declarations against the training config (as for labeling)."""
+    if not space:
+        raise ConfigError("search_space is empty: declare at least one key, e.g. train.mu: {low: 0.8, high: 0.98}")
+    keys = train_sweepable_keys()
+    for key in space:
+        if key not in keys:
+            raise ConfigError(f"search_space.{key}: not a sweepable training key; sweepable keys: {', '.join(keys)}")
+    base = train.model_dump(mode="json")
+    return [_parse_dim(base, key, decl, None, TrainConfig) for key, decl in space.items()]
+
+
 def resolve_params(params: dict[str, Any], base_rule: str) -> dict[str, Any]:
     """A trial's params as labeling-config keys: ``mask.bg_value:power`` -> ``mask.bg_value`` when the
     trial's rule is power (the other rule's value, if present, is dropped)."""
@@ -256,20 +297,21 @@ def apply_params(label: dict[str, Any], params: dict[str, Any]) -> dict[str, Any
 
 
 def read_sweep_yaml(path: str | Path) -> dict[str, Any]:
-    """The sweep file with ``label: FILE`` replaced by that file's contents (relative to the working
-    folder, else to the sweep file's folder)."""
+    """The sweep file with ``label: FILE`` (or ``train: FILE``) replaced by that file's contents
+    (relative to the working folder, else to the sweep file's folder)."""
     data = read_yaml(path)
-    label = data.get("label")
-    if isinstance(label, str):
-        if "://" in label:
-            data["label"] = read_yaml(label)
-            return data
-        candidates = [Path(label), Path(path).parent / label]
-        found = next((p for p in candidates if p.is_file()), None)
+    for section, what in (("label", "labeling"), ("train", "training")):
+        ref = data.get(section)
+        if not isinstance(ref, str):
+            continue
+        if "://" in ref:
+            data[section] = read_yaml(ref)
+            continue
+        found = next((p for p in (Path(ref), Path(path).parent / ref) if p.is_file()), None)
         if found is None:
-            raise ConfigError(f"label: labeling config {label!r} not found (looked in {os.getcwd()} and "
+            raise ConfigError(f"{section}: {what} config {ref!r} not found (looked in {os.getcwd()} and "
                               f"{Path(path).parent})")
-        data["label"] = read_yaml(found)
+        data[section] = read_yaml(found)
     return data
 
 
@@ -277,4 +319,6 @@ def load_sweep_config(path: str | Path | None, overrides: list[str] | None = Non
     """Load, override, validate; the search space is checked here, before Ray starts."""
     data = read_sweep_yaml(path) if path else {}
     cfg = build_config(SweepConfig, data, overrides, source=str(path) if path else "defaults + overrides")
+    if cfg.train is not None:
+        return cfg, parse_train_space(cfg.search_space, cfg.train)
     return cfg, parse_search_space(cfg.search_space, cfg.label)

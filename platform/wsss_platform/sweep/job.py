@@ -20,7 +20,6 @@ from typing import Any
 from wsss_platform import storage
 from wsss_platform.config import ConfigError
 from wsss_platform.console import quiet_ray
-from wsss_platform.label.stages import check_model_paths, check_stages
 from wsss_platform.ownership import OutputLock
 from wsss_platform.ray_utils import (
     check_credentials_reach_workers,
@@ -29,7 +28,7 @@ from wsss_platform.ray_utils import (
     keep_credentials_out_of_runtime_envs,
 )
 from wsss_platform.sweep.config import Dim, SweepConfig
-from wsss_platform.sweep.objective import LabelObjective, Objective
+from wsss_platform.sweep.objective import Objective, objective_class
 from wsss_platform.sweep.parent import finish_parent, open_parent
 from wsss_platform.sweep.results import tally, trial_rows, write_best, write_csv
 from wsss_platform.sweep.search import searcher, space_size
@@ -51,12 +50,11 @@ def trial_gpus(cfg: SweepConfig) -> float:
 def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
     """Run (or resume) the sweep to the end of its budget; returns the summary. A finished sweep
     is not run again: its summary is reported as it was."""
-    check_credentials_reach_workers(cfg.ray_address, cfg.label.dataset.storage)
-    storage.export_credentials(cfg.label.dataset.storage)
-    check_model_paths(cfg.label)
-    check_stages(cfg.label)
+    check_credentials_reach_workers(cfg.ray_address, cfg.storage)
+    storage.export_credentials(cfg.storage)
+    objective_class(cfg).check(cfg)
     out = cfg.output.rstrip("/")
-    with OutputLock(out, cfg.label.dataset.storage, "wsss sweep"):
+    with OutputLock(out, cfg.storage, "wsss sweep"):
         state = claim(cfg, out, log)
         if state.get("finished"):
             summary = SweepSummary(**state["finished"])
@@ -76,7 +74,7 @@ def _tuner(cfg: SweepConfig, dims: list[Dim], trainable, out: str, parent: str |
     from wsss_platform.console import verbose
     from wsss_platform.sweep.report import TrialLines, TrialRuns
 
-    pa_fs, tune_root = storage.pyarrow_filesystem(storage.join(out, "tune"), cfg.label.dataset.storage)
+    pa_fs, tune_root = storage.pyarrow_filesystem(storage.join(out, "tune"), cfg.storage)
     exp_path = tune_root.rstrip("/") + "/" + EXPERIMENT
     if tune.Tuner.can_restore(exp_path, storage_filesystem=pa_fs):
         summary.resumed = True
@@ -115,7 +113,7 @@ def _fit(cfg: SweepConfig, dims: list[Dim], objective: Objective, out: str, pare
     """Tune's results for every trial (resuming an interrupted run); the parent run is KILLED on failure."""
     from ray import tune
 
-    trainable = tune.with_resources(objective.trainable(), {"cpu": cfg.tune.cpus_per_trial, "gpu": gpus})
+    trainable = tune.with_resources(objective.trainable(), objective.resources())
     try:
         return _tuner(cfg, dims, trainable, out, parent and parent[1], _budget(dims, summary, log), summary, log).fit()
     except BaseException:
@@ -127,13 +125,13 @@ def _fit(cfg: SweepConfig, dims: list[Dim], objective: Objective, out: str, pare
 def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any], log,
                objective: Objective | None = None) -> SweepSummary:
     t_start = time.perf_counter()
-    opts = cfg.label.dataset.storage
+    opts = cfg.storage
     summary = SweepSummary(output=out, num_trials=cfg.tune.num_trials, objective=cfg.objective)
     init_ray(cfg.ray_address, opts)
     quiet_ray()
     keep_credentials_out_of_runtime_envs()
     gpus = trial_gpus(cfg)
-    objective = objective or LabelObjective(cfg, out, gpus)
+    objective = objective or objective_class(cfg)(cfg, out, gpus)
     ids = objective.prepare(dims, log)
     parent = open_parent(cfg, dims, out, state, len(ids), summary, log) if cfg.tracking.enabled else None
     state |= {"parent_run_id": parent and parent[1], "subset": ids, "updated_at": time.time()}

@@ -20,13 +20,24 @@ from wsss_platform.config import ConfigError
 from wsss_platform.datasets import open_dataset
 from wsss_platform.datasets.base import DatasetError
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.stages import build_cam_source, class_set, device_for
+from wsss_platform.label.stages import (
+    build_cam_source,
+    check_model_paths,
+    check_stages,
+    class_set,
+    device_for,
+)
 from wsss_platform.sweep import cache
 from wsss_platform.sweep.config import Dim, SweepConfig
 from wsss_platform.sweep.trial import TrialContext
 
 
 class Objective(Protocol):
+    @classmethod
+    def check(cls, cfg: SweepConfig) -> None:
+        """Fail before anything starts when the swept config cannot run (missing files, bad pairings)."""
+        ...
+
     def prepare(self, dims: list[Dim], log) -> list[str]:
         """Build what the trials share (on the driver, Ray started); returns the scored item ids."""
         ...
@@ -37,6 +48,10 @@ class Objective(Protocol):
 
     def preview(self, params: dict[str, Any]) -> bytes | None:
         """A PNG of the trial with ``params`` (the best one), or None."""
+        ...
+
+    def resources(self) -> dict[str, float]:
+        """What Tune reserves for one trial."""
         ...
 
 
@@ -130,6 +145,14 @@ class LabelObjective:
         self.ctx: TrialContext | None = None
         self._locks = None
 
+    @classmethod
+    def check(cls, cfg: SweepConfig) -> None:
+        check_model_paths(cfg.label)
+        check_stages(cfg.label)
+
+    def resources(self) -> dict[str, float]:
+        return {"cpu": self.cfg.tune.cpus_per_trial, "gpu": self.gpus}
+
     def prepare(self, dims: list[Dim], log) -> list[str]:
         import ray
 
@@ -161,3 +184,12 @@ class LabelObjective:
         from wsss_platform.sweep import trial
 
         return trial.preview(params, self.ctx, self.cfg.label.tracking.preview_images)
+
+
+def objective_class(cfg: SweepConfig) -> type:
+    """Labeling trials, or training trials when the sweep holds a training config."""
+    if cfg.train is None:
+        return LabelObjective
+    from wsss_platform.sweep.train_objective import TrainObjective
+
+    return TrainObjective

@@ -35,19 +35,23 @@ def mlflow_parent(cfg: SweepConfig, out: str, state: dict[str, Any], n_images: i
         for r in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"):
             client.set_terminated(r.info.run_id, status="KILLED")
         return client, run_id
-    data = f"{os.path.basename(cfg.label.dataset.uri.rstrip('/'))}/{cfg.label.dataset.split}"
-    name = cfg.tracking.run_name or f"sweep {data} {cfg.objective} ({n_trials} trials)"
-    desc = (f"Ray Tune + Optuna over {', '.join(cfg.search_space)} on {n_images} images of "
-            f"{cfg.label.dataset.uri}; best labeling config in {out}/best.yaml.")
-    run = client.create_run(exp_id, run_name=name, tags={
-        "wsss.job": "sweep", "wsss.output": out, "wsss.dataset": cfg.label.dataset.uri, "wsss.split": cfg.label.dataset.split,
-        "wsss.model": f"{cfg.label.model.name} ({cfg.label.model.pretrained})", "wsss.cam_source": cfg.label.cam_source,
-        "wsss.refiner": "+".join(cfg.label.refine) or "none", "wsss.code_version": code_version()["git_commit"][:12],
-        "mlflow.note.content": desc})
+    ds, training = cfg.job.dataset, cfg.train is not None
+    data = f"{os.path.basename(ds.uri.rstrip('/'))}/{ds.split}"
+    name = cfg.tracking.run_name or f"sweep {data} {'train ' if training else ''}{cfg.objective} ({n_trials} trials)"
+    scored = f"val mIoU of a segmenter trained on {ds.uri}" if training else f"{n_images} images of {ds.uri}"
+    desc = (f"Ray Tune + Optuna over {', '.join(cfg.search_space)}, scored on {scored}; best "
+            f"{'training' if training else 'labeling'} config in {out}/best.yaml.")
+    model = cfg.train.model.backbone if training else cfg.label.model.name
+    tags = {"wsss.job": "sweep", "wsss.output": out, "wsss.dataset": ds.uri, "wsss.split": ds.split,
+            "wsss.model": f"{model} ({cfg.job.model.pretrained})", "wsss.code_version": code_version()["git_commit"][:12],
+            "mlflow.note.content": desc}
+    if not training:
+        tags |= {"wsss.cam_source": cfg.label.cam_source, "wsss.refiner": "+".join(cfg.label.refine) or "none"}
+    run = client.create_run(exp_id, run_name=name, tags=tags)
     params = {"objective": cfg.objective, "subset.num_images": n_images, "subset.seed": cfg.subset.seed,
               **{f"tune.{k}": v for k, v in cfg.tune.model_dump(mode="json").items()},
-              "search_space": json.dumps(cfg.search_space)[:6000], "model.name": cfg.label.model.name,
-              "dataset.uri": cfg.label.dataset.uri, "dataset.split": cfg.label.dataset.split}
+              "search_space": json.dumps(cfg.search_space)[:6000], "model": model,
+              "dataset.uri": ds.uri, "dataset.split": ds.split}
     for k, v in params.items():
         client.log_param(run.info.run_id, k, "" if v is None else str(v))
     return client, run.info.run_id

@@ -11,7 +11,7 @@ from typing import Any
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune import Callback
 
-REPORTED = re.compile(r"^(objective|miou|miou_raw|miou_confident|sharpness|ignore_fraction|images|complete|"
+REPORTED = re.compile(r"^(objective|miou|miou_raw|miou_confident|sharpness|ignore_fraction|images|complete|loss|lr|iteration|val_miou|val_iou/.+|"
                       r"cams_cached|seconds|seconds_cams|seconds_refine|iou/.+)$")
 
 
@@ -44,10 +44,15 @@ class TrialRuns(MLflowLoggerCallback):
 class TrialLines(Callback):
     """``[wsss sweep] trial 3/6 · a80143a6 · miou 0.5123 (best 0.5321) · 4.1s``, one per trial."""
 
-    def __init__(self, total: int, objective: str, mode: str, log=print) -> None:
-        self.total, self.objective, self.mode, self.log = total, objective, mode, log
+    def __init__(self, total: int, objective: str, mode: str, log=None) -> None:
+        # print looked up when called: Tune pickles this callback, and Ray Train patches builtins.print
+        # in processes that ran a training, after which the original print no longer pickles by name
+        self.total, self.objective, self.mode, self._log = total, objective, mode, log
         self.best: float | None = None
         self.finished = 0
+
+    def log(self, message: str) -> None:
+        (self._log or print)(message)
 
     def _better(self, value: float) -> bool:
         return self.best is None or (value > self.best if self.mode == "max" else value < self.best)

@@ -15,19 +15,18 @@ import yaml
 
 from wsss_platform import storage
 from wsss_platform.config import build_config
-from wsss_platform.label.config import LabelConfig
 from wsss_platform.sweep.config import Dim, SweepConfig, apply_params, resolve_params
 from wsss_platform.sweep.state import SweepSummary
 
 
-def best_label_data(cfg: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """The labeling config as the user wrote it, with the best params; credentials left out."""
-    data = cfg.label.model_dump(mode="json", exclude_unset=True)
+def best_job_data(cfg: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """The swept (labeling or training) config as the user wrote it, with the best params; credentials left out."""
+    data = cfg.job.model_dump(mode="json", exclude_unset=True)
     st = data.get("dataset", {}).get("storage", {})
     for k in ("key", "secret"):
         st.pop(k, None)
     out = apply_params(data, params)
-    build_config(LabelConfig, out, source="best config")  # what `wsss label` will do with it
+    build_config(type(cfg.job), out, source="best config")  # what `wsss label` / `wsss train` will do with it
     return out
 
 
@@ -83,9 +82,11 @@ def write_best(cfg: SweepConfig, rows: list[dict[str, Any]], out: str,
     summary.best_yaml = storage.join(out, "best.yaml")
     summary.best_params = resolve_params(
         {k[6:]: v for k, v in best.items() if k.startswith("param:") and v is not None}, cfg.label.mask.bg_rule)
-    header = (f"# Best trial {best['trial']} of the sweep in {out}: {cfg.objective} = {best['objective']:.4f} on "
-              f"{best['images']} images of {cfg.label.dataset.uri}.\n"
-              f"# Run it (from the folder the sweep ran in): wsss label --config {summary.best_yaml}\n")
-    text = header + yaml.safe_dump(best_label_data(cfg, summary.best_params), sort_keys=False)
-    storage.write_text(summary.best_yaml, text, cfg.label.dataset.storage)
+    on = (f"the val split of {cfg.train.dataset.uri}" if cfg.train is not None
+          else f"{best['images']} images of {cfg.label.dataset.uri}")
+    command = "wsss train segmenter" if cfg.train is not None else "wsss label"
+    header = (f"# Best trial {best['trial']} of the sweep in {out}: {cfg.objective} = {best['objective']:.4f} on {on}.\n"
+              f"# Run it (from the folder the sweep ran in): {command} --config {summary.best_yaml}\n")
+    text = header + yaml.safe_dump(best_job_data(cfg, summary.best_params), sort_keys=False)
+    storage.write_text(summary.best_yaml, text, cfg.storage)
     return best, text

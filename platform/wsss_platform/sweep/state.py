@@ -43,13 +43,16 @@ class SweepSummary:
 def sweep_settings(cfg: SweepConfig) -> dict[str, Any]:
     """What makes two runs the same sweep (a resume must not mix two different ones); storage
     options are where, not what."""
-    return cfg.model_dump(mode="json", exclude={"overwrite": True, "ray_address": True, "tracking": {"run_name"},
-                                                "label": {"dataset": {"storage"}}})
+    settings = cfg.model_dump(mode="json", exclude={"overwrite": True, "ray_address": True, "tracking": {"run_name"},
+                                                    "label": {"dataset": {"storage"}}, "train": {"dataset": {"storage"}}})
+    if settings.get("train") is None:  # labeling sweeps keep the fingerprint they had before training sweeps
+        settings.pop("train", None)
+    return settings
 
 
 def claim(cfg: SweepConfig, out: str, log) -> dict[str, Any]:
     """The sweep's state in the (locked) output: refuse a different sweep there; start over on overwrite."""
-    opts = cfg.label.dataset.storage
+    opts = cfg.storage
     if cfg.overwrite:
         for name in RESULT_FILES:
             storage.remove(storage.join(out, name), opts)

@@ -1,0 +1,96 @@
+"""Training trials: each trial trains a segmenter on Ray Train and is scored by its val mIoU.
+
+In Train V2 a Tune trial is a driver function that builds a ``TorchTrainer`` and calls ``fit()``;
+Train's reports reach Tune through ``TuneReportCallback``. Every trial evaluates at
+``tune.report_chunks`` evenly spaced iterations (its ``checkpoint_every`` = ``eval_every``), so ASHA
+compares trials on val mIoU at the same points and stops the weak ones early. Each trial trains into
+``<sweep output>/trials/<trial id>/`` (its checkpoints: the best trial's model is kept there).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from wsss_platform import storage
+from wsss_platform.config import ConfigError, build_config
+from wsss_platform.sweep.config import Dim, SweepConfig, apply_params
+from wsss_platform.train import job
+from wsss_platform.train.config import TrainConfig
+
+TRIAL_CPUS = 0.1
+"""The trial's own driver only waits on its trainer; the workers reserve their own resources."""
+
+
+class ObjectiveReport(TuneReportCallback):
+    """Train's reports to Tune, with the sweep's names: ``objective`` (= ``miou`` = val mIoU),
+    ``complete`` (1 at the last iteration) and ``seconds``."""
+
+    def __init__(self, iterations: int) -> None:
+        super().__init__()
+        self.iterations, self.t0 = iterations, time.time()
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        m = dict(metrics[0])
+        miou = float(m.get("val_miou", math.nan))
+        m |= {"objective": miou, "miou": miou, "complete": int(m.get("iteration", 0) >= self.iterations),
+              "seconds": time.time() - self.t0}
+        super().after_report(run_context, [m, *metrics[1:]], checkpoint)
+
+
+def trial_config(train: dict[str, Any], params: dict[str, Any], output: str, chunks: int) -> TrainConfig:
+    """The training config of one trial: the params set, evaluated at ``chunks`` evenly spaced points."""
+    cfg = build_config(TrainConfig, apply_params(train, params), source="trial")
+    every = max(1, math.ceil(cfg.train.iterations / chunks))
+    return cfg.model_copy(update={
+        "output": output, "tracking": cfg.tracking.model_copy(update={"enabled": False}),
+        "train": cfg.train.model_copy(update={"checkpoint_every": every, "eval_every": every})})
+
+
+def train_trial(params: dict[str, Any], train: dict[str, Any], output: str, chunks: int) -> None:
+    """Tune's function trainable (runs in the trial's actor)."""
+    import ray.tune
+
+    cfg = trial_config(train, params, storage.join(output, "trials", ray.tune.get_context().get_trial_id()), chunks)
+    job.plan(cfg).trainer(callbacks=[ObjectiveReport(cfg.train.iterations)]).fit()
+
+
+class TrainObjective:
+    """Val mIoU of a segmenter trained with each trial's settings."""
+
+    def __init__(self, cfg: SweepConfig, out: str, gpus: float) -> None:
+        self.cfg, self.out, self.gpus = cfg, out, gpus
+        assert cfg.train is not None
+        self.train = cfg.train
+
+    @classmethod
+    def check(cls, cfg: SweepConfig) -> None:
+        if cfg.train is not None and not cfg.train.train.val_split:
+            raise ConfigError("train.train.val_split: a training sweep scores each trial on the val split; set one "
+                              "with ground-truth masks")
+
+    def resources(self) -> dict[str, float]:
+        return {"cpu": TRIAL_CPUS}
+
+    def prepare(self, dims: list[Dim], log) -> list[str]:
+        p = job.plan(self.train)  # labels, val split and model paths checked once, here
+        job.check_cpus(p.cfg, self.cfg.tune.max_concurrent_trials, TRIAL_CPUS)
+        self.train = p.cfg  # absolute paths: the trials run in folders of their own
+        val_ids = p.loop_config["val_ids"]
+        log(f"[wsss sweep] {p.ds.uri} split {p.cfg.dataset.split}: training {p.cfg.train.iterations} iterations a "
+            f"trial on {len(p.ds.ids)} images, scored on {len(val_ids)} val images at {self.cfg.tune.report_chunks} "
+            f"points; {self.cfg.tune.num_trials} trials over {', '.join(d.name for d in dims)} -> {self.out}")
+        return val_ids
+
+    def trainable(self) -> Any:
+        from ray import tune
+
+        # No credentials in anything Tune pickles: the dataset section goes as its worker payload.
+        train = self.train.model_dump(mode="json") | {"dataset": self.train.dataset.worker_payload()}
+        return tune.with_parameters(train_trial, train=train, output=self.out, chunks=self.cfg.tune.report_chunks)
+
+    def preview(self, params: dict[str, Any]) -> bytes | None:
+        return None  # the best trial's checkpoint is in its trial folder; `wsss predict` shows it

@@ -65,7 +65,7 @@ def run_sweep(cfg: SweepConfig, dims: list[Dim], log=print) -> SweepSummary:
 
 
 def _tuner(cfg: SweepConfig, dims: list[Dim], trainable, out: str, parent: str | None, num_samples: int,
-           summary: SweepSummary, log):
+           summary: SweepSummary, log, reuse_actors: bool = True):
     """A new Tuner, or the interrupted one restored from ``<output>/tune``."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -92,7 +92,7 @@ def _tuner(cfg: SweepConfig, dims: list[Dim], trainable, out: str, parent: str |
         tune_config=tune.TuneConfig(
             search_alg=searcher(cfg, dims), scheduler=scheduler, num_samples=num_samples,
             max_concurrent_trials=cfg.tune.max_concurrent_trials, time_budget_s=cfg.tune.time_budget_s,
-            reuse_actors=True,  # a trial's actor (and its loaded caches) serves the next trial
+            reuse_actors=reuse_actors,  # labeling: a trial's actor (and its loaded caches) serves the next trial
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         # Tune's tables and hints only with --verbose; TrialLines prints one line per trial.
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=tune_root, storage_filesystem=pa_fs,
@@ -115,7 +115,8 @@ def _fit(cfg: SweepConfig, dims: list[Dim], objective: Objective, out: str, pare
 
     trainable = tune.with_resources(objective.trainable(), objective.resources())
     try:
-        return _tuner(cfg, dims, trainable, out, parent and parent[1], _budget(dims, summary, log), summary, log).fit()
+        return _tuner(cfg, dims, trainable, out, parent and parent[1], _budget(dims, summary, log), summary, log,
+                      objective.reuse_actors).fit()
     except BaseException:
         if parent:
             parent[0].set_terminated(parent[1], status="KILLED")

@@ -33,6 +33,9 @@ from wsss_platform.sweep.trial import TrialContext
 
 
 class Objective(Protocol):
+    reuse_actors: bool
+    """Whether a finished trial's actor may serve the next one (Tune's reuse_actors)."""
+
     @classmethod
     def check(cls, cfg: SweepConfig) -> None:
         """Fail before anything starts when the swept config cannot run (missing files, bad pairings)."""
@@ -139,6 +142,8 @@ def cache_features(cfg: SweepConfig, out: str, label_payload: dict[str, Any], au
 
 class LabelObjective:
     """Pseudo-mask mIoU (or prompt sharpness) of a labeling config on a subset of the split."""
+
+    reuse_actors = True  # the next trial finds the model and caches loaded
 
     def __init__(self, cfg: SweepConfig, out: str, gpus: float) -> None:
         self.cfg, self.out, self.gpus = cfg, out, gpus

@@ -61,6 +61,10 @@ def train_trial(params: dict[str, Any], train: dict[str, Any], output: str, chun
 class TrainObjective:
     """Val mIoU of a segmenter trained with each trial's settings."""
 
+    # Each trial drives its own Train run (controller, workers): nothing to keep, and a reused
+    # function-trainable actor fails the next trial ("requires reset_config()").
+    reuse_actors = False
+
     def __init__(self, cfg: SweepConfig, out: str, gpus: float) -> None:
         self.cfg, self.out, self.gpus = cfg, out, gpus
         assert cfg.train is not None

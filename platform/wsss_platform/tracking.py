@@ -172,11 +172,16 @@ class JobRun:
 
         mlflow.log_table(columns, artifact_file=name, run_id=self.run_id)
 
-    def log_dataset(self, name: str, source: str, digest: str, context: str) -> None:
-        """The dataset as an MLflow input (the run page's "Datasets" box)."""
+    def log_split(self, split, context: str) -> None:
+        """A dataset split (``uri``, ``split``, ``ids``) as an MLflow input (the run page's "Datasets"
+        box), named ``<folder>/<split>`` and identified by its ids; ``context`` is what the job did with it."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        ds = Dataset(name=name, digest=digest, source_type="wsss", source=json.dumps({"uri": source}))
+        from wsss_platform.ownership import fingerprint
+
+        name = f"{os.path.basename(split.uri.rstrip('/'))}/{split.split}"
+        digest = fingerprint({"uri": split.uri, "split": split.split, "ids": split.ids})
+        ds = Dataset(name=name, digest=digest, source_type="wsss", source=json.dumps({"uri": split.uri}))
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
 
 

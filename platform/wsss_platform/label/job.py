@@ -353,8 +353,7 @@ def job_run(cfg: LabelConfig, ds: Dataset, todo: int) -> Iterator[JobRun | None]
     if random:
         tags["wsss.warning"] = RANDOM_NOTE
     with JobRun(cfg.tracking.experiment, run_name(cfg), tags, desc, flatten(cfg.model_dump(mode="json"))) as run:
-        data = f"{os.path.basename(ds.uri.rstrip('/'))}/{cfg.dataset.split}"
-        run.log_dataset(data, ds.uri, fingerprint({"uri": ds.uri, "split": cfg.dataset.split, "ids": ds.ids}), "labeling")
+        run.log_split(ds, "labeling")
         yield run
 
 

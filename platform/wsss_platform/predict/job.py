@@ -24,7 +24,6 @@ from wsss_platform.datasets.base import decode_mask
 from wsss_platform.label import outputs
 from wsss_platform.label.actors import Loader
 from wsss_platform.label.job import confusion_from
-from wsss_platform.ownership import fingerprint
 from wsss_platform.predict.actors import LoadingPredictor, Predictor
 from wsss_platform.predict.config import PredictConfig
 from wsss_platform.ray_utils import (
@@ -133,7 +132,7 @@ def run_predict(cfg: PredictConfig, log=print) -> PredictSummary:
     cfg = cfg.model_copy(update={"output": cfg.output.rstrip("/")})
     ckpt = checkpoint.resolve(cfg.checkpoint, cfg.dataset.storage)
     ds = open_dataset(cfg.dataset)
-    _check_classes(checkpoint.load_state(ckpt, cfg.dataset.storage)["segmenter"]["class_names"], ds, ckpt)
+    _check_classes(checkpoint.spec_of(checkpoint.load_state(ckpt, cfg.dataset.storage), ckpt)["class_names"], ds, ckpt)
     summary = PredictSummary(output=cfg.output, checkpoint=ckpt, total=len(ds.ids))
     log(f"[wsss predict] {ds.uri} split {cfg.dataset.split}: {len(ds.ids)} images with {ckpt} -> {cfg.output}")
     info = {"config": cfg.model_dump(mode="json", exclude={"dataset": {"storage"}}), "checkpoint": ckpt,
@@ -168,8 +167,7 @@ def _job_run(cfg: PredictConfig, ds: Dataset, ckpt: str):
 def _track(cfg: PredictConfig, ds: Dataset, summary: PredictSummary, table: pa.Table, run: JobRun) -> None:
     from wsss_platform.preview import colour, panels
 
-    run.log_dataset(f"{os.path.basename(ds.uri.rstrip('/'))}/{cfg.dataset.split}", ds.uri,
-                    fingerprint({"uri": ds.uri, "split": cfg.dataset.split, "ids": ds.ids}), "prediction")
+    run.log_split(ds, "prediction")
     metrics = {"images_done": summary.done, "images_failed": summary.failed,
                "images_per_s": summary.done / summary.seconds if summary.seconds else 0.0}
     if summary.miou is not None:

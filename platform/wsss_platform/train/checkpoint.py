@@ -29,8 +29,8 @@ def resolve(uri: str, options: StorageOptions | None = None) -> str:
     if storage.exists(storage.join(uri, FILE), options):
         return uri
     root = storage.join(uri, "train")
-    folders = sorted(n for n in storage.list_names(root, options) if n.startswith("checkpoint_") and "." in n[11:]
-                     and storage.exists(storage.join(root, n, FILE), options))
+    folders = sorted(n for n in storage.list_names(root, options)
+                     if n.startswith("checkpoint_") and storage.exists(storage.join(root, n, FILE), options))
     if not folders:
         raise ValueError(f"--checkpoint: no {FILE} in {uri} nor a checkpoint_* folder in {root}; give a checkpoint "
                          "folder or the output of `wsss train`")
@@ -43,15 +43,21 @@ def load_state(uri: str, options: StorageOptions | None = None) -> dict[str, Any
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+def spec_of(state: dict[str, Any], uri: str) -> dict[str, Any]:
+    """The checkpoint's segmenter spec (see :func:`segmenter_spec`), or an error naming the file."""
+    spec = state.get("segmenter")
+    if spec is None:
+        raise ValueError(f"{storage.join(uri, FILE)} has no segmenter spec (written by an older wsss train); "
+                         "retrain or continue training with this version")
+    return spec
+
+
 def load_segmenter(uri: str, options: StorageOptions | None = None) -> tuple[torch.nn.Module, list[str]]:
     """(segmenter in eval mode with the checkpoint's weights, class names with background first)."""
     from wsss_core.models.segmenter import create_segmenter
 
     state = load_state(uri, options)
-    spec = state.get("segmenter")
-    if spec is None:
-        raise ValueError(f"{storage.join(uri, FILE)} has no segmenter spec (written by an older wsss train); "
-                         "retrain or continue training with this version")
+    spec = spec_of(state, uri)
     model = create_segmenter(spec["backbone"], len(spec["class_names"]), None, spec["head"], spec["output_stride"])
     model.load_state_dict(state["model"])
     return model.eval(), spec["class_names"]

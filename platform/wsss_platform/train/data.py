@@ -70,6 +70,7 @@ def train_dataset(cfg: TrainConfig, ids: list[str], dataset_payload: dict[str, A
 
     pseudo = None if uses_ground_truth(cfg) else cfg.train.pseudo_masks
     items = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
-    return items.map_batches(SampleLoader, batch_size=8, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors),
+    return items.map_batches(SampleLoader, batch_size=8, num_cpus=cfg.compute.loader_cpus,
+                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors),
                              fn_constructor_kwargs={"dataset": dataset_payload, "train": cfg.train.model_dump(mode="json"),
-                                                    "pseudo_masks": pseudo}, num_cpus=cfg.compute.loader_cpus)
+                                                    "pseudo_masks": pseudo})

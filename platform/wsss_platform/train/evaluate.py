@@ -62,8 +62,6 @@ def validation(cfg: TrainConfig, model, ds, config: dict[str, Any], device: torc
     return out
 
 
-
-
 def preview(model: torch.nn.Module, rows: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]]) -> bytes:
     """PNG grid, one row per (id, image [H, W, 3], pseudo mask [H, W] or None, ground truth or None):
     image | prediction | pseudo mask | ground truth."""

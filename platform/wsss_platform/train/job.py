@@ -258,8 +258,7 @@ def _fit(p: Plan, state: dict[str, Any], summary: TrainSummary, log) -> None:
             loop_config["mlflow"] = {"tracking_uri": tracking_uri(), "run_id": run.run_id}
             summary.run_id, summary.run_url = run.run_id, run.url
             log(f"[wsss train] MLflow run: {run.url}")
-            run.log_dataset(f"{os.path.basename(ds.uri.rstrip('/'))}/{cfg.dataset.split}", ds.uri,
-                            fingerprint({"uri": ds.uri, "split": cfg.dataset.split, "ids": ds.ids}), "training")
+            run.log_split(ds, "training")
         storage.write_text(storage.join(cfg.output, "train.json"), json.dumps(
             {"config": loop_config["cfg"], "mlflow_run_id": summary.run_id, "code": code_version()}, indent=2),
             cfg.dataset.storage)

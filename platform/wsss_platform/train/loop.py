@@ -1,7 +1,7 @@
 """The training loop each Ray Train worker runs (``train_loop_per_worker``).
 
-Per worker: the segmenter (DDP through ``ray.train.torch.prepare_model``), SGD with the backbone at
-``lr`` and the head at ``head_lr_mult × lr``, a poly schedule after a linear warm-up, AMP on GPU,
+Per worker: the segmenter (DDP through ``ray.train.torch.prepare_model``), SGD or AdamW with the
+backbone at ``lr`` and the head at ``head_lr_mult × lr``, a poly schedule after a linear warm-up, AMP on GPU,
 CGL on the streamed shard of crops. Every ``checkpoint_every`` iterations the model, optimiser,
 scheduler and iteration go to ``ray.train.report`` (rank 0 writes the checkpoint), so a restarted
 worker group resumes at the iteration after it: none lost, none run twice. Every ``eval_every``

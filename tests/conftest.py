@@ -126,7 +126,9 @@ def ray_head(tmp_path_factory):
     """A real Ray head started with `ray start` on loopback; yields its dashboard (job API) address."""
     port, dash = free_port(), free_port()
     temp = tmp_path_factory.mktemp("rayhead")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    # RAY_ADDRESS for every process of the head: Ray's State API client inside a worker (Train's
+    # placement-group cleaner) otherwise finds two Ray instances on this machine and gives up.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_ADDRESS": f"127.0.0.1:{port}"}
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
            "--disable-usage-stats", "--include-dashboard", "true", "--temp-dir", str(temp),
@@ -164,3 +166,18 @@ def kill_processes_with_env(key: str, value: str) -> None:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     psutil.wait_procs(victims, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory, ray_local):
+    """A 20-image demo VOC dataset and its `wsss label` output (tiny random CLIP, CAA): training input."""
+    from wsss_platform.config import build_config
+    from wsss_platform.datasets.demo import write_demo_dataset
+    from wsss_platform.label.config import LabelConfig
+    from wsss_platform.label.job import run_label
+
+    root = tmp_path_factory.mktemp("train")
+    write_demo_dataset(str(root / "voc"), "voc", 20, seed=4)
+    run_label(build_config(LabelConfig, {}, [f"dataset.uri={root / 'voc'}", f"output={root / 'labels'}", "model.name=tiny",
+                                             "model.pretrained=none", "refine=[caa]", "tracking.enabled=false", "cache=none"]))
+    return root

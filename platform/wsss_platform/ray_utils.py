@@ -49,6 +49,26 @@ def init_ray(address: str | None = None, storage: StorageOptions | None = None, 
         ray.init(address="local", **kwargs)
 
 
+def state_api_error(timeout: float = 10) -> str | None:
+    """Why Ray's State API (served by the dashboard) does not answer a Ray worker, or None when it does.
+
+    Asked from a worker, not the driver: that is where Ray Train's placement-group cleaner asks it.
+    """
+    import ray
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def ask() -> str | None:
+        from ray.util.state import list_actors
+
+        try:
+            list_actors(limit=1, timeout=timeout, raise_on_missing_output=False)
+        except Exception as e:  # any failure means the same: no State API to rely on
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    return ray.get(ask.remote())
+
+
 def check_credentials_reach_workers(address: str | None, storage: StorageOptions | None) -> None:
     """Refuse config credentials that a job's workers could not inherit (see :func:`init_ray`)."""
     if storage is None or not storage.has_credentials():

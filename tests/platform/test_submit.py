@@ -93,3 +93,68 @@ def test_submit_train_then_predict(tmp_path, ray_head, capsys):
     assert rc == 0, printed[-3000:]
     assert re.search(r"\[wsss predict\] predicted 2/2 images \(0 failed\)", printed)
     assert len(list((tmp_path / "pred" / "masks").glob("*.png"))) == 2
+
+
+def training_sweep_file(tmp_path, labelled):
+    """4 trials over train.mu, each a 4-iteration Train run scored twice on val (ASHA in between)."""
+    import yaml
+
+    from .test_train import TINY_TRAIN
+
+    train: dict = {"dataset": {"uri": str(labelled / "voc")}, "output": str(tmp_path / "unused"),
+                   "train": {"pseudo_masks": str(labelled / "labels"), "iterations": 4}}
+    for key, value in (o.split("=", 1) for o in TINY_TRAIN):
+        section, name = key.split(".")
+        train.setdefault(section, {})[name] = yaml.safe_load(value)
+    train["compute"] |= {"num_workers": 1, "cpus_per_worker": 0.4, "loader_cpus": 0.4}
+    doc = {"train": train, "search_space": {"train.mu": {"choices": [0.0, 0.5, 0.9, 0.95]}},
+           "tune": {"num_trials": 4, "max_concurrent_trials": 2, "report_chunks": 2, "seed": 1},
+           "output": str(tmp_path / "sweep"), "tracking": {"experiment": "train-sweep"}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(doc))
+    return tmp_path / "sweep.yaml"
+
+
+def test_training_sweep_needs_the_state_api(tmp_path, labelled, ray_local):
+    """The session's Ray has no dashboard: a training sweep says so before any trial starts."""
+    from wsss_platform.config import ConfigError
+    from wsss_platform.sweep.config import load_sweep_config
+    from wsss_platform.sweep.job import run_sweep
+
+    cfg, dims = load_sweep_config(training_sweep_file(tmp_path, labelled), ["tracking.enabled=false"])
+    with pytest.raises(ConfigError, match=r"needs Ray's State API .* --include-dashboard true"):
+        run_sweep(cfg, dims)
+    assert not (tmp_path / "sweep" / "trials").exists()
+
+
+@pytest.mark.slow
+def test_submit_training_sweep_tune_asha_mlflow_parent_and_children(tmp_path, labelled, ray_head, mlflow_server,
+                                                                    monkeypatch, capsys):
+    """`wsss submit sweep` with a training config: 4 trials, each a Ray Train run scored by val mIoU, on a
+    2-CPU cluster (trials that ASHA stops must give their workers back); a parent MLflow run with one
+    child per trial; best.yaml is a training config `wsss train` accepts."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from wsss_platform.config import build_config
+    from wsss_platform.train.config import TrainConfig
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    rc = main(["submit", "sweep", "--address", ray_head, "--config", str(training_sweep_file(tmp_path, labelled)),
+               "--follow"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed[-3000:]
+    found = re.search(r"\[wsss sweep\] (\d) trials complete, (\d) stopped early, 0 failed \(budget 4\)", printed)
+    assert found and int(found[1]) + int(found[2]) == 4, printed[-3000:]
+    best = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
+    assert build_config(TrainConfig, best).train.mu in (0.0, 0.5, 0.9, 0.95)
+    trials = list((tmp_path / "sweep" / "trials").iterdir())
+    assert len(trials) == 4 and all(any(t.glob("train/checkpoint_*")) for t in trials)
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("train-sweep")
+    parent = client.search_runs([exp.experiment_id], "tags.`wsss.job` = 'sweep'")[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["wsss.model"].startswith("open_clip:tiny")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    assert {float(c.data.params["train.mu"]) for c in children} == {0.0, 0.5, 0.9, 0.95}
+    assert all("val_miou" in c.data.metrics and "objective" in c.data.metrics for c in children)
+    assert float(parent.data.params["best.train.mu"]) == best["train"]["mu"]

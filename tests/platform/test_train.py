@@ -4,23 +4,12 @@ import pytest
 
 from wsss_platform.config import ConfigError, build_config
 from wsss_platform.datasets.demo import write_demo_dataset
-from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.job import run_label
 from wsss_platform.train.config import TrainConfig
 from wsss_platform.train.job import run_train
 
 TINY_TRAIN = ["model.backbone=open_clip:tiny", "model.pretrained=none", "model.head=largefov", "train.batch_size=2",
               "train.crop_size=64", "train.checkpoint_every=3", "train.eval_every=3", "train.lr=0.001",
               "compute.num_workers=2", "compute.cpus_per_worker=0.5"]
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_demo_dataset(str(root / "voc"), "voc", 20, seed=4)
-    run_label(build_config(LabelConfig, {}, [f"dataset.uri={root / 'voc'}", f"output={root / 'labels'}", "model.name=tiny",
-                                             "model.pretrained=none", "refine=[caa]", "tracking.enabled=false", "cache=none"]))
-    return root
 
 
 @pytest.mark.slow

@@ -123,16 +123,16 @@ def _fit(cfg: SweepConfig, dims: list[Dim], objective: Objective, out: str, pare
         raise
 
 
-def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any], log,
-               objective: Objective | None = None) -> SweepSummary:
+def _run_sweep(cfg: SweepConfig, dims: list[Dim], out: str, state: dict[str, Any], log) -> SweepSummary:
     t_start = time.perf_counter()
     opts = cfg.storage
     summary = SweepSummary(output=out, num_trials=cfg.tune.num_trials, objective=cfg.objective)
-    init_ray(cfg.ray_address, opts)
+    kind = objective_class(cfg)
+    init_ray(cfg.ray_address, opts, **kind.ray_options)
     quiet_ray()
     keep_credentials_out_of_runtime_envs()
     gpus = trial_gpus(cfg)
-    objective = objective or objective_class(cfg)(cfg, out, gpus)
+    objective = kind(cfg, out, gpus)
     ids = objective.prepare(dims, log)
     parent = open_parent(cfg, dims, out, state, len(ids), summary, log) if cfg.tracking.enabled else None
     state |= {"parent_run_id": parent and parent[1], "subset": ids, "updated_at": time.time()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ from wsss_platform.sweep.trial import TrialContext
 class Objective(Protocol):
     reuse_actors: bool
     """Whether a finished trial's actor may serve the next one (Tune's reuse_actors)."""
+    ray_options: dict[str, Any]
+    """Options for the local Ray that ``wsss sweep`` starts when no cluster address is given."""
 
     @classmethod
     def check(cls, cfg: SweepConfig) -> None:
@@ -144,6 +146,7 @@ class LabelObjective:
     """Pseudo-mask mIoU (or prompt sharpness) of a labeling config on a subset of the split."""
 
     reuse_actors = True  # the next trial finds the model and caches loaded
+    ray_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: SweepConfig, out: str, gpus: float) -> None:
         self.cfg, self.out, self.gpus = cfg, out, gpus

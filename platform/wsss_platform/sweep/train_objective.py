@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from wsss_platform import storage
 from wsss_platform.config import ConfigError, build_config
+from wsss_platform.ray_utils import state_api_error
 from wsss_platform.sweep.config import Dim, SweepConfig, apply_params
 from wsss_platform.train import job
 from wsss_platform.train.config import TrainConfig
@@ -64,6 +65,10 @@ class TrainObjective:
     # Each trial drives its own Train run (controller, workers): nothing to keep, and a reused
     # function-trainable actor fails the next trial ("requires reset_config()").
     reuse_actors = False
+    # ASHA stops a trial by killing its actor, and with it the trial's Train controller; Train then
+    # frees that run's workers (their placement group) through the State API, which the dashboard
+    # serves. Without it every stopped trial would hold its workers' CPUs until the sweep ends.
+    ray_options: ClassVar[dict[str, Any]] = {"include_dashboard": True}
 
     def __init__(self, cfg: SweepConfig, out: str, gpus: float) -> None:
         self.cfg, self.out, self.gpus = cfg, out, gpus
@@ -80,6 +85,13 @@ class TrainObjective:
         return {"cpu": TRIAL_CPUS}
 
     def prepare(self, dims: list[Dim], log) -> list[str]:
+        if why := state_api_error():
+            raise ConfigError(
+                f"a training sweep needs Ray's State API (the Ray dashboard) reachable from Ray workers: Ray Train "
+                f"frees the workers of a trial that ASHA stops through it. Start the cluster with the dashboard "
+                f"(`ray start --head --include-dashboard true`; KubeRay does by default), or leave ray_address unset "
+                f"to let wsss start a local Ray; with several Ray instances on one machine, set RAY_ADDRESS for the "
+                f"cluster's processes. ({why.splitlines()[0][:300]})")
         p = job.plan(self.train)  # labels, val split and model paths checked once, here
         job.check_cpus(p.cfg, self.cfg.tune.max_concurrent_trials, TRIAL_CPUS)
         self.train = p.cfg  # absolute paths: the trials run in folders of their own

@@ -3,5 +3,6 @@
 from wsss_core.cams.clip_es import ClipES
 from wsss_core.cams.gradcam import ClipGradCAM, gradcam
 from wsss_core.cams.softmax_gradcam import softmax_gradcam
+from wsss_core.cams.toco_cam import class_activation, toco_cam
 
-__all__ = ["ClipES", "ClipGradCAM", "gradcam", "softmax_gradcam"]
+__all__ = ["ClipES", "ClipGradCAM", "class_activation", "gradcam", "softmax_gradcam", "toco_cam"]

@@ -1,4 +1,4 @@
-"""Training losses. ``cgl_loss``: CLIP-ES's confidence-guided loss for the final segmenter.
+"""CLIP-ES's confidence-guided loss (CGL) for the final segmenter.
 
 CGL (Lin et al., CVPR 2023, Sec. 3.4): the segmenter learns from a pseudo mask only where the
 pseudo mask is confident, ``Conf = max(1 - max_k p_k, max_k p_k) >= mu`` (``wsss_core.masks.

@@ -80,7 +80,7 @@ def test_label_sections_default_to_the_core_defaults():
     from wsss_platform.label.config import LabelConfig
 
     cfg = LabelConfig()
-    pairs = [(cfg.mask, PseudoMasker)] + [(getattr(cfg, name), REFINERS.get(name)) for name in cfg.refine]
+    pairs = [(cfg.mask, PseudoMasker)] + [(getattr(cfg, name), REFINERS.get(name)) for name in REFINERS.names()]
     for section, factory in pairs:
         params = {k: p.default for k, p in inspect.signature(factory).parameters.items() if k not in ("refiners",)}
         assert section.model_dump() == params, factory
@@ -93,7 +93,7 @@ def test_label_sections_default_to_the_core_defaults():
     ("refine=caa", "refine: a list of refiner names now, e.g. refine: [caa, crf] or [caa]"),
     ("refine=[crf, caa]", "cam_source=clip_es with refine=['crf', 'caa']: refiner 'caa' works on CAMs and must come before 'crf'"),
     ("cam_source=toco", "cam_source: unknown CAM source 'toco'; known: clip_es, gradcam"),
-    ("refine=[caa, par]", "refine: unknown refiner(s) ['par']; known: caa, crf"),
+    ("refine=[caa, pamr]", "refine: unknown refiner(s) ['pamr']; known: caa, crf, par"),
 ])
 def test_old_and_impossible_label_configs_fail_naming_the_key(override, needle):
     from wsss_platform.label.config import LabelConfig

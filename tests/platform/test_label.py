@@ -191,3 +191,18 @@ def test_label_with_gradcam_caa_and_crf(tmp_path, ray_local, monkeypatch):
     run_json = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run_json["settings"]["cam_source"] == "gradcam" and run_json["settings"]["refine"] == ["caa", "crf"]
     assert run_json["settings"]["crf"]["iterations"] == 10
+
+
+def test_label_with_caa_then_par(tmp_path, ray_local, monkeypatch):
+    """ToCo's PAR as a refiner of CLIP-ES's scores, its settings from the par: section."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_demo_dataset(str(tmp_path / "voc"), "voc", 6, seed=14)
+    cfg = label_config(str(tmp_path / "voc"), str(tmp_path / "out"),
+                       extra=("refine=[caa, par]", "par.iterations=5", "par.dilations=[1, 2, 4]",
+                              "tracking.enabled=false", "cache=none"))
+    summary = run_label(cfg)
+    check_outputs(cfg, summary)
+    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_json["settings"]["refine"] == ["caa", "par"]
+    assert run_json["settings"]["par"] == {"dilations": [1, 2, 4], "iterations": 5, "w1": 0.3, "w2": 0.01}

@@ -59,6 +59,10 @@ class Backbone(nn.Module):
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    def forward_with_cls(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """ViTs: the maps of :meth:`forward` and the class token [B, D] after the last chosen block."""
+        raise NotImplementedError
+
 
 class TimmBackbone(Backbone):
     """A timm CNN through ``features_only`` (dilated to ``output_stride``), or a timm ViT through its
@@ -100,6 +104,13 @@ class TimmBackbone(Backbone):
                                                          intermediates_only=True))
         return list(self.model(pixels))
 
+    def forward_with_cls(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if not self.is_vit:
+            raise ValueError("a CNN backbone has no class token; use a ViT")
+        out = self.model.forward_intermediates(pixels, indices=self.indices, output_fmt="NCHW",
+                                               intermediates_only=True, return_prefix_tokens=True)
+        return [m for m, _ in out], out[-1][1][:, 0]
+
 
 class OpenClipBackbone(Backbone):
     """The visual tower of an open_clip ViT: patch tokens of the chosen blocks reshaped to the grid,
@@ -130,6 +141,9 @@ class OpenClipBackbone(Backbone):
         self.train()
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_with_cls(pixels)[0]
+
+    def forward_with_cls(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         x = self.conv1(pad_to_multiple(pixels, self.patch_size).to(self.conv1.weight.dtype))
         b, d, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)
@@ -140,7 +154,7 @@ class OpenClipBackbone(Backbone):
             x = block(x)
             if i in self.indices:
                 out.append(x[:, 1:].transpose(1, 2).reshape(b, d, gh, gw))
-        return out
+        return out, x[:, 0]
 
 
 def create_backbone(name: str, pretrained: WeightsSource = None, *, output_stride: int = 16,

@@ -1,7 +1,7 @@
 """The labeling job's typed config. Field names match the sweep's search-space keys.
 
 ``cam_source`` and ``refine`` name entries of the core's registries; a refiner's settings are the
-section of the same name (``caa``, ``crf``), passed to its factory as keyword arguments, so the
+section of the same name (``caa``, ``crf``, ``par``), passed to its factory as keyword arguments, so the
 defaults here are the core's (a test checks that they agree).
 """
 
@@ -74,6 +74,15 @@ class CRFConfig(Section):
     bilateral_compat: float = Field(4.0, ge=0)
 
 
+class PARConfig(Section):
+    """Settings of the ``par`` refiner (``wsss_core.refine.par.PAR``; ToCo's reference values)."""
+
+    dilations: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 2, 4, 8, 12, 24), min_length=1)
+    iterations: int = Field(10, ge=1, le=100)
+    w1: float = Field(0.3, gt=0)
+    w2: float = Field(0.01, ge=0)
+
+
 class ComputeConfig(Section):
     batch_size: int = Field(16, ge=1, le=1024)
     """Images per actor call (and per forward pass within a size group)."""
@@ -141,6 +150,7 @@ class LabelConfig(Section):
     text: TextConfig = TextConfig()
     caa: CAAConfig = CAAConfig()
     crf: CRFConfig = CRFConfig()
+    par: PARConfig = PARConfig()
     mask: MaskConfig = MaskConfig()
     cache: Literal["none", "cams", "full"] = "cams"
     """What ``cams/<id>.npz`` keeps: nothing; the CAMs (float16) and class scores; or also what the

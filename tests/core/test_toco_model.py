@@ -74,3 +74,65 @@ def test_ctc_head_and_its_ema_teacher():
     loss = F.multilabel_soft_margin_loss(net(torch.randn(2, 3, 48, 48))["logits"], torch.tensor([[1.0, 0, 1], [0, 1, 0]]))
     loss.backward()
     assert net.classifier.weight.grad is not None
+
+
+def _par_seg_labels_reference(images, cam, labels, high, low, dilations, iterations):
+    """Image by image, with the present classes selected (as the authors' script does)."""
+    from wsss_core.refine import par
+
+    b, _, h, w = images.shape
+    out = torch.full((b, h, w), 255, dtype=torch.long)
+    for i in range(b):
+        keep = torch.cat([torch.tensor([0]), torch.nonzero(labels[i])[:, 0] + 1])
+        img = F.interpolate(images[i:i + 1], size=(h // 2, w // 2), mode="bilinear", align_corners=False)
+        found = []
+        for bg in (high, low):
+            scores = torch.cat([torch.full((1, 1, h, w), bg), cam[i:i + 1]], dim=1)
+            scores = F.interpolate(scores, size=(h // 2, w // 2), mode="bilinear", align_corners=False)[:, keep]
+            refined = F.interpolate(par(img, scores.softmax(1), dilations, iterations), size=(h, w), mode="bilinear",
+                                    align_corners=False)
+            found.append(keep[refined.argmax(1)[0]])
+        out[i] = torch.where(found[0] != 0, found[0], torch.where(found[1] == 0, 0, 255))
+    return out
+
+
+def test_par_seg_labels_match_the_per_image_reference():
+    from wsss_core.losses import par_seg_labels
+
+    g = torch.Generator().manual_seed(7)
+    images = torch.rand(2, 3, 24, 20, generator=g)
+    cam = torch.rand(2, 4, 24, 20, generator=g)
+    labels = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0]])
+    got = par_seg_labels(images, cam, labels, 0.7, 0.25, (1, 2), 3)
+    want = _par_seg_labels_reference(images, cam, labels, 0.7, 0.25, (1, 2), 3)
+    assert torch.equal(got, want)
+    assert set(got.unique().tolist()) <= {0, 1, 4, 2, 255} and not (got[1] == 1).any()  # absent classes never win
+
+
+def test_toco_objective_terms_weights_and_gradients():
+    from wsss_core.losses import ToCoObjective
+
+    torch.manual_seed(3)
+    net = create_toco("open_clip:tiny", num_classes=4, pretrained="none", proj_dim=16)
+    pixels = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0]])
+    objective = ToCoObjective(cam_scales=(1.0, 0.5), local_crops=3, local_crop_size=32, par_dilations=(1, 2),
+                              par_iterations=2, seg_from=10)
+    with torch.no_grad():  # a student head that has moved from its teacher
+        for p in net.proj.parameters():
+            p.add_(0.1)
+    teacher_before = [p.detach().clone() for p in net.proj_teacher.parameters()]
+    student_before = [p.detach().clone() for p in net.proj.parameters()]
+    terms = objective(net, pixels, labels, iteration=0, generator=torch.Generator().manual_seed(0))
+    assert set(terms) == {"cls", "aux", "ptc", "ctc", "seg", "total"} and all(torch.isfinite(v) for v in terms.values())
+    want = terms["cls"] + terms["aux"] + 0.2 * terms["ptc"] + 0.5 * terms["ctc"]  # no seg term before seg_from
+    assert terms["total"].item() == pytest.approx(want.item(), rel=1e-6)
+    terms["total"].backward()
+    assert net.classifier.weight.grad.abs().sum() > 0 and net.aux_classifier.weight.grad.abs().sum() > 0
+    assert net.proj.mlp[0].weight.grad.abs().sum() > 0  # CTC reaches the projection head
+    assert all(p.grad is None for p in net.proj_teacher.parameters())
+    for t0, s0, t1 in zip(teacher_before, student_before, net.proj_teacher.parameters(), strict=True):
+        torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s0)  # one EMA step per batch
+    later = objective(net, pixels, labels, iteration=10, generator=torch.Generator().manual_seed(0))
+    want = later["cls"] + later["aux"] + 0.2 * later["ptc"] + 0.5 * later["ctc"] + 0.1 * later["seg"]
+    assert later["total"].item() == pytest.approx(want.item(), rel=1e-6)

@@ -1,7 +1,9 @@
-"""Training losses: CLIP-ES's confidence-guided loss (``cgl``) and ToCo's (``token_contrast``, ``seg``)."""
+"""Training losses: CLIP-ES's confidence-guided loss (``cgl``) and ToCo's (``token_contrast``, ``seg``, and
+the whole objective in ``toco``)."""
 
 from wsss_core.losses.cgl import cgl_loss
 from wsss_core.losses.seg import balanced_seg_loss
+from wsss_core.losses.toco import ToCoObjective, par_seg_labels
 from wsss_core.losses.token_contrast import (
     ctc_loss,
     pair_labels,
@@ -12,6 +14,6 @@ from wsss_core.losses.token_contrast import (
 )
 
 __all__ = [
-    "balanced_seg_loss", "cgl_loss", "ctc_loss", "pair_labels", "ptc_loss", "roi_crops", "roi_map",
-    "token_labels_from_cam",
+    "ToCoObjective", "balanced_seg_loss", "cgl_loss", "ctc_loss", "pair_labels", "par_seg_labels", "ptc_loss",
+    "roi_crops", "roi_map", "token_labels_from_cam",
 ]

@@ -1,0 +1,135 @@
+"""ToCo's whole training objective on one batch (Ru et al., CVPR 2023; the authors' training script).
+
+    objective = ToCoObjective()                       # reference thresholds, weights and crop sizes
+    terms = objective(net, pixels, labels, iteration)  # {"cls", "aux", "ptc", "ctc", "seg", "total"}
+    terms["total"].backward()
+
+``cls + aux + w_ptc·PTC + w_ctc·CTC``, plus ``w_seg·seg`` from iteration ``seg_from`` on (the
+segmentation head learns from the CAM once the CAM is worth learning from). The CAMs that make
+the token labels, the CTC crops and the segmentation labels come from the network itself, without
+gradients. Not included: the authors' dense-CRF energy regulariser on the segmentation head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from wsss_core.cams.toco_cam import toco_cam
+from wsss_core.losses.seg import balanced_seg_loss
+from wsss_core.losses.token_contrast import (
+    ctc_loss,
+    ptc_loss,
+    roi_crops,
+    roi_map,
+    token_labels_from_cam,
+)
+from wsss_core.masks import IGNORE
+from wsss_core.refine.par import par
+
+
+def par_seg_labels(images: torch.Tensor, cam: torch.Tensor, labels: torch.Tensor, high: float = 0.7,
+                   low: float = 0.25, dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24), iterations: int = 10,
+                   down_scale: int = 2) -> torch.Tensor:
+    """Segmentation labels from a CAM refined by PAR, with a background band left out.
+
+    The present classes' CAMs compete with a constant background (once ``high``, once ``low``) in a
+    softmax, each refined by PAR on the image at 1/``down_scale``, then argmax at full size. A
+    pixel is its class where the high-background version says so, background where both versions
+    say background, and 255 where they disagree.
+
+    Args:
+        images: [B, 3, H, W] (normalised or not: PAR's weights are the same).
+        cam: [B, C, H, W] in [0, 1]; labels: [B, C] multi-hot.
+
+    Returns:
+        long [B, H, W]: 0 background, 1..C, 255.
+    """
+    h, w = images.shape[-2:]
+    small = (h // down_scale, w // down_scale)
+    img = F.interpolate(images.float(), size=small, mode="bilinear", align_corners=False)
+    present = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1).bool()[:, :, None, None]
+    out = []
+    for bg in (high, low):
+        scores = torch.cat([torch.full_like(cam[:, :1], bg), cam], dim=1)
+        scores = F.interpolate(scores, size=small, mode="bilinear", align_corners=False)
+        probs = scores.masked_fill(~present, float("-inf")).softmax(dim=1)  # absent classes: 0, and stay 0
+        refined = F.interpolate(par(img, probs, dilations, iterations), size=(h, w), mode="bilinear",
+                                align_corners=False)
+        out.append(refined.masked_fill(~present, float("-inf")).argmax(dim=1))
+    by_high, by_low = out
+    return torch.where(by_high != 0, by_high, torch.where(by_low == 0, 0, IGNORE))
+
+
+@dataclass(frozen=True)
+class ToCoObjective:
+    """The reference values of the authors' VOC script (COCO: ``high`` 0.65, ``temp`` 1.0)."""
+
+    high: float = 0.7
+    low: float = 0.25
+    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
+    local_crops: int = 8
+    local_crop_size: int = 96
+    temp: float = 0.5
+    w_ptc: float = 0.2
+    w_ctc: float = 0.5
+    w_seg: float = 0.1
+    seg_from: int = 2000
+    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    par_iterations: int = 10
+
+    def cams(self, net, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final and auxiliary multi-scale + flip CAMs [B, C, H, W], without gradients."""
+        c = net.classifier.out_channels
+        with torch.no_grad():
+            both = toco_cam(lambda p: torch.cat(net.cams(p), dim=1), pixels, self.cam_scales, flip=True)
+        return both[:, :c], both[:, c:]
+
+    def __call__(self, net, pixels: torch.Tensor, labels: torch.Tensor, iteration: int,
+                 views: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """All loss terms of one batch.
+
+        Args:
+            net: a :class:`wsss_core.models.toco.ToCo`.
+            pixels: normalised [B, 3, H, W] (H, W > ``local_crop_size``).
+            labels: [B, C] multi-hot image-level labels.
+            iteration: the training iteration (the segmentation term counts from ``seg_from``).
+            views: CTC's two global views [B, 2, 3, h, w] (two augmentations); default: the
+                image and its mirror.
+            generator: for the local crops' positions.
+
+        Returns:
+            ``cls``, ``aux``, ``ptc``, ``ctc``, ``seg`` and their weighted sum ``total`` (scalars).
+        """
+        labels = labels.float()
+        cam, cam_aux = self.cams(net, pixels)
+        out = net(pixels)
+        terms = {"cls": F.multilabel_soft_margin_loss(out["logits"], labels),
+                 "aux": F.multilabel_soft_margin_loss(out["aux_logits"], labels)}
+        tokens = out["tokens"]
+        grid_cam = F.interpolate(cam_aux, size=tokens.shape[-2:], mode="bilinear", align_corners=False)
+        token_labels = token_labels_from_cam(grid_cam, labels, self.high, self.low).flatten(1)
+        terms["ptc"] = ptc_loss(tokens.flatten(2).transpose(1, 2), token_labels)
+        terms["ctc"] = self._ctc(net, pixels, labels, cam_aux, views, generator)
+        seg_labels = par_seg_labels(pixels, cam, labels, self.high, self.low, self.par_dilations, self.par_iterations)
+        seg = F.interpolate(out["seg"], size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        terms["seg"] = balanced_seg_loss(seg, seg_labels)
+        w_seg = self.w_seg if iteration >= self.seg_from else 0.0
+        terms["total"] = (terms["cls"] + terms["aux"] + self.w_ptc * terms["ptc"] + self.w_ctc * terms["ctc"]
+                          + w_seg * terms["seg"])
+        return terms
+
+    def _ctc(self, net, pixels, labels, cam_aux, views, generator) -> torch.Tensor:
+        b = pixels.shape[0]
+        if views is None:
+            views = torch.stack([pixels, pixels.flip(-1)], dim=1)
+        crops, flags = roi_crops(pixels, roi_map(cam_aux, labels, self.high, self.low), self.local_crops,
+                                 self.local_crop_size, generator)
+        net.update_teacher()
+        global_cls = net.class_tokens(views.flatten(0, 1))  # [B·2, D], image-major
+        teacher = net.project_teacher(global_cls).view(b, 2, -1)
+        local = net.project(net.class_tokens(crops.flatten(0, 1))).view(b, self.local_crops, -1)
+        student = torch.cat([net.project(global_cls).view(b, 2, -1), local], dim=1)
+        return ctc_loss(student, teacher, torch.cat([torch.ones_like(flags[:, :2]), flags], dim=1), self.temp)

@@ -223,3 +223,33 @@ def test_roi_map_and_roi_crops():
             torch.testing.assert_close(crops[b, n], images[b, :, y0:y0 + 16, x0:x0 + 16])
             assert roi[b, y0 + 8, x0 + 8] <= 1  # centred off confident foreground
             assert flags[b, n] == float(roi[b, y0:y0 + 16, x0:x0 + 16].sum() > 0.2 * 256)
+
+
+def test_dense_energy_loss_value_and_gradient_against_pairwise_loops():
+    from wsss_core.losses.energy import dense_energy_loss
+
+    g = torch.Generator().manual_seed(8)
+    b, k, h, w = 2, 3, 4, 5
+    images = torch.rand(b, 3, h, w, generator=g) * 255
+    probs = torch.rand(b, k, h, w, generator=g).softmax(1).requires_grad_(True)
+    roi = torch.ones(b, h, w)
+    roi[1, :, 4] = 0  # crop padding
+    labels = torch.randint(0, 3, (b, h, w), generator=g)
+    labels[0, 0] = 255
+    loss = dense_energy_loss(images, probs, roi, labels, sigma_rgb=40.0, sigma_xy=3.0, scale=1.0, chunk=7)
+    loss.backward()
+    value, grad = 0.0, torch.zeros(b, k, h, w)
+    for n in range(b):
+        s = probs.detach()[n] * roi[n]
+        gate = torch.where(labels[n] == 255, torch.ones(h, w), roi[n] - probs.detach()[n].amax(0)).clamp_min(0)
+        ws = torch.zeros(k, h, w)
+        for y in range(h):
+            for x in range(w):
+                for yy in range(h):
+                    for xx in range(w):
+                        d = ((y - yy) ** 2 + (x - xx) ** 2) / 9.0 + ((images[n, :, y, x] - images[n, :, yy, xx]) ** 2).sum() / 1600.0
+                        ws[:, y, x] += math.exp(-0.5 * d) * s[:, yy, xx]
+        value -= (s * gate * ws).sum().item() / b
+        grad[n] = -2 * gate * ws * roi[n] / b
+    assert loss.item() == pytest.approx(value, rel=1e-5)
+    torch.testing.assert_close(probs.grad, grad, rtol=1e-4, atol=1e-6)

@@ -124,7 +124,7 @@ def test_toco_objective_terms_weights_and_gradients():
     teacher_before = [p.detach().clone() for p in net.proj_teacher.parameters()]
     student_before = [p.detach().clone() for p in net.proj.parameters()]
     terms = objective(net, pixels, labels, iteration=0, generator=torch.Generator().manual_seed(0))
-    assert set(terms) == {"cls", "aux", "ptc", "ctc", "seg", "total"} and all(torch.isfinite(v) for v in terms.values())
+    assert set(terms) == {"cls", "aux", "ptc", "ctc", "seg", "reg", "total"} and all(torch.isfinite(v) for v in terms.values())
     want = terms["cls"] + terms["aux"] + 0.2 * terms["ptc"] + 0.5 * terms["ctc"]  # no seg term before seg_from
     assert terms["total"].item() == pytest.approx(want.item(), rel=1e-6)
     terms["total"].backward()
@@ -134,5 +134,7 @@ def test_toco_objective_terms_weights_and_gradients():
     for t0, s0, t1 in zip(teacher_before, student_before, net.proj_teacher.parameters(), strict=True):
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s0)  # one EMA step per batch
     later = objective(net, pixels, labels, iteration=10, generator=torch.Generator().manual_seed(0))
-    want = later["cls"] + later["aux"] + 0.2 * later["ptc"] + 0.5 * later["ctc"] + 0.1 * later["seg"]
+    want = (later["cls"] + later["aux"] + 0.2 * later["ptc"] + 0.5 * later["ctc"] + 0.1 * later["seg"]
+            + 0.05 * later["reg"])
+    assert later["reg"] <= 0  # an energy of alike neighbours rewarded for agreeing
     assert later["total"].item() == pytest.approx(want.item(), rel=1e-6)

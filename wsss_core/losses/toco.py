@@ -4,10 +4,11 @@
     terms = objective(net, pixels, labels, iteration)  # {"cls", "aux", "ptc", "ctc", "seg", "total"}
     terms["total"].backward()
 
-``cls + aux + w_ptc·PTC + w_ctc·CTC``, plus ``w_seg·seg`` from iteration ``seg_from`` on (the
-segmentation head learns from the CAM once the CAM is worth learning from). The CAMs that make
-the token labels, the CTC crops and the segmentation labels come from the network itself, without
-gradients. Not included: the authors' dense-CRF energy regulariser on the segmentation head.
+``cls + aux + w_ptc·PTC + w_ctc·CTC``, plus ``w_seg·seg + w_reg·reg`` from iteration ``seg_from`` on
+(the segmentation head learns from the CAM once the CAM is worth learning from); ``reg`` is the
+dense-CRF energy of the head's softmax (``wsss_core.losses.energy``, scaled by 1e-7 as the authors
+do). The CAMs that make the token labels, the CTC crops and the segmentation labels come from the
+network itself, without gradients.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_core.cams.toco_cam import toco_cam
+from wsss_core.losses.energy import dense_energy_loss
 from wsss_core.losses.seg import balanced_seg_loss
 from wsss_core.losses.token_contrast import (
     ctc_loss,
@@ -76,7 +78,11 @@ class ToCoObjective:
     w_ptc: float = 0.2
     w_ctc: float = 0.5
     w_seg: float = 0.1
+    w_reg: float = 0.05
     seg_from: int = 2000
+    reg_scale: float = 1e-7
+    reg_sigma_rgb: float = 15.0
+    reg_sigma_xy: float = 100.0
     par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
     par_iterations: int = 10
 
@@ -101,7 +107,7 @@ class ToCoObjective:
             generator: for the local crops' positions.
 
         Returns:
-            ``cls``, ``aux``, ``ptc``, ``ctc``, ``seg`` and their weighted sum ``total`` (scalars).
+            ``cls``, ``aux``, ``ptc``, ``ctc``, ``seg``, ``reg`` and their weighted sum ``total`` (scalars).
         """
         labels = labels.float()
         cam, cam_aux = self.cams(net, pixels)
@@ -116,9 +122,12 @@ class ToCoObjective:
         seg_labels = par_seg_labels(pixels, cam, labels, self.high, self.low, self.par_dilations, self.par_iterations)
         seg = F.interpolate(out["seg"], size=pixels.shape[-2:], mode="bilinear", align_corners=False)
         terms["seg"] = balanced_seg_loss(seg, seg_labels)
-        w_seg = self.w_seg if iteration >= self.seg_from else 0.0
+        rgb = (pixels * net.std + net.mean) * 255
+        terms["reg"] = self.reg_scale * dense_energy_loss(rgb, seg.softmax(1), torch.ones_like(seg[:, 0]), seg_labels,
+                                                          self.reg_sigma_rgb, self.reg_sigma_xy)
+        on = float(iteration >= self.seg_from)
         terms["total"] = (terms["cls"] + terms["aux"] + self.w_ptc * terms["ptc"] + self.w_ctc * terms["ctc"]
-                          + w_seg * terms["seg"])
+                          + on * (self.w_seg * terms["seg"] + self.w_reg * terms["reg"]))
         return terms
 
     def _ctc(self, net, pixels, labels, cam_aux, views, generator) -> torch.Tensor:

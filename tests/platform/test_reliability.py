@@ -151,6 +151,7 @@ def _grep_tree(root: Path, needles: list[bytes]) -> list[str]:
     return hits
 
 
+@pytest.mark.slow  # ~3 min: a labeling job, a sweep, a training and a prediction on S3
 def test_no_secret_in_anything_labeling_sweep_training_and_prediction_write(s3_bucket, ray_local, tmp_path, monkeypatch, capfd):
     """Everything written (S3 outputs, Tune state, MLflow store and artifacts, Ray's session logs,
     the terminal) is grepped for the access key and secret in use: no hit."""

@@ -103,6 +103,29 @@ class Refiner(Protocol):
                  images: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]: ...
 
 
+class ImageRefiner:
+    """Base of the ``probs`` refiners that read each image's pixels and no aux (the dense CRF, PAR):
+    a subclass gives ``what`` (for errors) and ``refine(image uint8 [H, W, 3], probs [1 + K, H, W])``."""
+
+    space: ClassVar[RefineSpace] = "probs"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    needs_image: ClassVar[bool] = True
+    what: ClassVar[str]
+
+    @property
+    def aux_keys(self) -> frozenset[str]:
+        return frozenset()
+
+    def refine(self, image: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, maps: list[torch.Tensor], aux: Sequence[Mapping[str, torch.Tensor]],
+                 images: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]:
+        if images is None:
+            raise ValueError(f"{self.what} needs the images")
+        return [self.refine(np.asarray(im), p) for im, p in zip(images, maps, strict=True)]
+
+
 @dataclass
 class PseudoMask:
     """One image through a source and refiners (CPU tensors).

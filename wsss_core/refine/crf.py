@@ -6,7 +6,6 @@ compat 4. Runs on the CPU, one image at a time (the library is C++).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from wsss_core.registry import REFINERS
-from wsss_core.types import RefineSpace
+from wsss_core.types import ImageRefiner
 
 
 class CRFUnavailableError(ImportError):
@@ -59,7 +58,7 @@ def dense_crf(image: np.ndarray, probs: torch.Tensor, iterations: int = 10, gaus
 
 @REFINERS.register("crf")
 @dataclass(frozen=True)
-class DenseCRF:
+class DenseCRF(ImageRefiner):
     """The dense CRF as a refiner of probabilities [1 + K, H, W] (background first), image by image.
 
     Args: as :func:`dense_crf` (reference: 10 iterations; Gaussian sxy 1, compat 3; bilateral
@@ -73,21 +72,11 @@ class DenseCRF:
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 4.0
 
-    space: ClassVar[RefineSpace] = "probs"
-    needs: ClassVar[frozenset[str]] = frozenset()
-    needs_image: ClassVar[bool] = True
+    what: ClassVar[str] = "the dense CRF"
 
     def __post_init__(self) -> None:
         _densecrf()  # fail when the pipeline is built, not on its first image
 
-    @property
-    def aux_keys(self) -> frozenset[str]:
-        return frozenset()
-
-    def __call__(self, maps: list[torch.Tensor], aux: Sequence[Mapping[str, torch.Tensor]],
-                 images: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]:
-        if images is None:
-            raise ValueError("the dense CRF needs the images")
-        return [dense_crf(np.asarray(im), p, self.iterations, self.gaussian_sxy, self.gaussian_compat,
-                          self.bilateral_sxy, self.bilateral_srgb, self.bilateral_compat)
-                for im, p in zip(images, maps, strict=True)]
+    def refine(self, image: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
+        return dense_crf(image, probs, self.iterations, self.gaussian_sxy, self.gaussian_compat,
+                         self.bilateral_sxy, self.bilateral_srgb, self.bilateral_compat)

@@ -10,7 +10,7 @@ also a labeling-time refiner.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_core.registry import REFINERS
-from wsss_core.types import RefineSpace
+from wsss_core.types import ImageRefiner
 
 # The 8 neighbours of a pixel (row, column offsets), the same order in every dilation.
 OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -80,7 +80,7 @@ def par(image: torch.Tensor, maps: torch.Tensor, dilations: Sequence[int] = (1, 
 
 @REFINERS.register("par")
 @dataclass(frozen=True)
-class PAR:
+class PAR(ImageRefiner):
     """PAR as a refiner of the scores [1 + K, H, W] (background first), image by image; the result
     is divided by (1 + w2)^iterations so that the scores keep their scale (and the confidence its
     meaning)."""
@@ -90,21 +90,9 @@ class PAR:
     w1: float = 0.3
     w2: float = 0.01
 
-    space: ClassVar[RefineSpace] = "probs"
-    needs: ClassVar[frozenset[str]] = frozenset()
-    needs_image: ClassVar[bool] = True
+    what: ClassVar[str] = "PAR"
 
-    @property
-    def aux_keys(self) -> frozenset[str]:
-        return frozenset()
-
-    def __call__(self, maps: list[torch.Tensor], aux: Sequence[Mapping[str, torch.Tensor]],
-                 images: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]:
-        if images is None:
-            raise ValueError("PAR needs the images")
-        scale = (1 + self.w2) ** self.iterations
-        out = []
-        for im, p in zip(images, maps, strict=True):
-            x = torch.from_numpy(np.ascontiguousarray(im)).to(p.device).permute(2, 0, 1)[None].float()
-            out.append(par(x, p[None].float(), self.dilations, self.iterations, self.w1, self.w2)[0] / scale)
-        return out
+    def refine(self, image: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(probs.device).permute(2, 0, 1)[None].float()
+        out = par(x, probs[None].float(), self.dilations, self.iterations, self.w1, self.w2)[0]
+        return out / (1 + self.w2) ** self.iterations

@@ -118,7 +118,7 @@ class ToCoObjective:
         grid_cam = F.interpolate(cam_aux, size=tokens.shape[-2:], mode="bilinear", align_corners=False)
         token_labels = token_labels_from_cam(grid_cam, labels, self.high, self.low).flatten(1)
         terms["ptc"] = ptc_loss(tokens.flatten(2).transpose(1, 2), token_labels)
-        terms["ctc"] = self._ctc(net, pixels, labels, cam_aux, views, generator)
+        terms["ctc"] = self._ctc(net, pixels, labels, cam_aux, out["cls_token"], views, generator)
         seg_labels = par_seg_labels(pixels, cam, labels, self.high, self.low, self.par_dilations, self.par_iterations)
         seg = F.interpolate(out["seg"], size=pixels.shape[-2:], mode="bilinear", align_corners=False)
         terms["seg"] = balanced_seg_loss(seg, seg_labels)
@@ -130,14 +130,15 @@ class ToCoObjective:
                           + on * (self.w_seg * terms["seg"] + self.w_reg * terms["reg"]))
         return terms
 
-    def _ctc(self, net, pixels, labels, cam_aux, views, generator) -> torch.Tensor:
+    def _ctc(self, net, pixels, labels, cam_aux, cls_token, views, generator) -> torch.Tensor:
         b = pixels.shape[0]
-        if views is None:
-            views = torch.stack([pixels, pixels.flip(-1)], dim=1)
         crops, flags = roi_crops(pixels, roi_map(cam_aux, labels, self.high, self.low), self.local_crops,
                                  self.local_crop_size, generator)
         net.update_teacher()
-        global_cls = net.class_tokens(views.flatten(0, 1))  # [B·2, D], image-major
+        if views is None:  # the image (its class token is already in hand) and its mirror
+            global_cls = torch.stack([cls_token, net.class_tokens(pixels.flip(-1))], dim=1).flatten(0, 1)
+        else:
+            global_cls = net.class_tokens(views.flatten(0, 1))  # [B·2, D], image-major
         teacher = net.project_teacher(global_cls).view(b, 2, -1)
         local = net.project(net.class_tokens(crops.flatten(0, 1))).view(b, self.local_crops, -1)
         student = torch.cat([net.project(global_cls).view(b, 2, -1), local], dim=1)

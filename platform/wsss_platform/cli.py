@@ -206,15 +206,15 @@ def _flag_overrides(args: argparse.Namespace, **extra: str | None) -> list[str]:
 
 
 def train_overrides(args: argparse.Namespace) -> list[str]:
-    return _flag_overrides(args, **{"train.pseudo_masks": args.pseudo_masks})
+    return _flag_overrides(args, **{"train.pseudo_masks": getattr(args, "pseudo_masks", None)})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from wsss_platform.config import load_config
-    from wsss_platform.train.config import TrainConfig
     from wsss_platform.train.job import run_train
+    from wsss_platform.train.recipes import recipe_class
 
-    summary = run_train(load_config(TrainConfig, args.config, train_overrides(args)))
+    summary = run_train(load_config(recipe_class(args.recipe).config, args.config, train_overrides(args)))
     if summary.run_url:
         print_run_url("wsss train", summary.run_url)
     return 0
@@ -245,11 +245,20 @@ def _add_data_args(p: argparse.ArgumentParser, config: str, split: str, output: 
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=f"config overrides, e.g. {example}")
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    _add_data_args(p, "see jobs/configs/*train*.yaml", "dataset.split to train on",
-                   "checkpoints and run state, local or s3:// (output)", "train.mu=0.9")
-    p.add_argument("--pseudo-masks", help="a `wsss label` output, or none for the ground truth (train.pseudo_masks)")
+def add_train_args(p: argparse.ArgumentParser, pseudo_masks: bool = True) -> None:
+    _add_data_args(p, "see jobs/configs/*train*.yaml and *toco*.yaml", "dataset.split to train on",
+                   "checkpoints and run state, local or s3:// (output)", "train.iterations=2000")
+    if pseudo_masks:
+        p.add_argument("--pseudo-masks", help="segmenter: a `wsss label` output, or none for the ground truth "
+                                              "(train.pseudo_masks)")
     p.add_argument("--overwrite", action="store_true", help="start over in an output that holds a training")
+
+
+def add_submit_train_args(p: argparse.ArgumentParser) -> None:
+    from wsss_platform.train.recipes import RECIPES
+
+    p.add_argument("--recipe", choices=list(RECIPES), default="segmenter", help="what to train (`wsss train <recipe>`)")
+    add_train_args(p)
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
@@ -259,14 +268,18 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_commands(sub) -> None:
-    """`wsss train segmenter …` (ToCo and AffinityNet recipes come beside it) and `wsss predict`."""
+    """`wsss train <recipe> …` (one subcommand per training recipe) and `wsss predict`."""
+    from wsss_platform.train.recipes import RECIPES, recipe_class
+
     tr = sub.add_parser("train", help="train a model with Ray Train")
     _describe(tr, "train")
     rsub = tr.add_subparsers(dest="recipe", required=True)
-    p = rsub.add_parser("segmenter", help="the final segmenter on pseudo masks, with the confidence-guided loss")
-    _describe(p, "train")
-    add_train_args(p)
-    p.set_defaults(func=cmd_train)
+    for name in RECIPES:
+        recipe = recipe_class(name)
+        p = rsub.add_parser(name, help=recipe.description)
+        _describe(p, "train")
+        add_train_args(p, pseudo_masks="pseudo_masks" in recipe.config.model_fields["train"].annotation.model_fields)
+        p.set_defaults(func=cmd_train)
     pr = sub.add_parser("predict", help="predict masks for a dataset split with a trained segmenter (Ray Data)")
     _describe(pr, "predict")
     add_predict_args(pr)
@@ -285,7 +298,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     rest = {"label": label_overrides, "sweep": sweep_overrides, "train": train_overrides,
             "predict": predict_overrides}[args.kind](args)
     submit.refuse_secrets(rest, args.config)
-    forwarded = (["--config", args.config] if args.config else []) + rest
+    # jobs/train.py takes the recipe first, as `wsss train <recipe>` does
+    lead = [args.recipe] if getattr(args, "recipe", None) else []
+    forwarded = lead + (["--config", args.config] if args.config else []) + rest
     job_id = submit.submit(args.kind, [a for a in forwarded if not a.startswith("ray_address=")], args.address,
                            args.submission_id)
     addr = submit.dashboard_address(args.address)
@@ -349,9 +364,11 @@ ABOUT = {
               "Keys of the swept config are under label. or train. (label.caa.t=3, train.train.mu=0.9).",
               ["wsss sweep --config jobs/configs/synthshapes-sweep.yaml", "wsss sweep --config jobs/configs/synthshapes-train-sweep.yaml",
                "wsss sweep --config my-sweep.yaml --dataset s3://bucket/VOC2012 --output s3://bucket/sweeps/voc-1"]),
-    "train": ("Train the segmenter on pseudo masks (a `wsss label` output) with CLIP-ES's confidence-guided loss on\n"
-              "Ray Train: DDP over compute.num_workers, checkpoints in --output, resumed by running it again.",
+    "train": ("Train on Ray Train: the segmenter on pseudo masks (a `wsss label` output) with CLIP-ES's\n"
+              "confidence-guided loss, or ToCo on image-level labels (its CAMs then label with cam_source=toco).\n"
+              "DDP over compute.num_workers, checkpoints in --output, resumed by running it again.",
               ["wsss train segmenter --config jobs/configs/synthshapes-train.yaml",
+               "wsss train toco --config jobs/configs/synthshapes-toco.yaml",
                "wsss train segmenter --dataset s3://bucket/VOC2012 --pseudo-masks s3://bucket/clip-es-voc "
                "--output s3://bucket/seg-1 train.mu=0.95"]),
     "predict": ("Masks for a dataset split from a trained segmenter, with Ray Data (one GPU per actor when there are\n"
@@ -387,7 +404,7 @@ def _add_cluster_commands(sub) -> None:
     sbsub = sb.add_subparsers(dest="kind", required=True)
     for kind, add, text in (("label", add_label_args, "submit `wsss label`"),
                             ("sweep", add_sweep_args, "submit `wsss sweep`"),
-                            ("train", add_train_args, "submit `wsss train segmenter`"),
+                            ("train", add_submit_train_args, "submit `wsss train <recipe>` (--recipe)"),
                             ("predict", add_predict_args, "submit `wsss predict`")):
         sp = sbsub.add_parser(kind, help=text)
         add(sp)

@@ -56,9 +56,11 @@ def test_ctc_head_and_its_ema_teacher():
     s = net.project(cls)
     torch.testing.assert_close(s, net.project_teacher(cls))  # the teacher starts as the student
     assert s.shape == (4, 16) and s.requires_grad and not net.project_teacher(cls).requires_grad
-    w = net.proj.last.weight  # weight-normalised: unit-norm rows, the norm not trained
+    w = net.proj.last_weight  # weight-normalised: unit-norm rows, the norm not trained
     torch.testing.assert_close(w.norm(dim=1), torch.ones(16))
-    assert not net.proj.last.parametrizations.weight.original0.requires_grad
+    with torch.no_grad():
+        net.proj.last_v.mul_(3.0)  # only the direction counts
+    torch.testing.assert_close(net.project(cls), s)
     student = [p.detach().clone() for p in net.proj.parameters()]
     teacher = [p.detach().clone() for p in net.proj_teacher.parameters()]
     with torch.no_grad():
@@ -124,11 +126,14 @@ def test_toco_objective_terms_weights_and_gradients():
     teacher_before = [p.detach().clone() for p in net.proj_teacher.parameters()]
     student_before = [p.detach().clone() for p in net.proj.parameters()]
     terms = objective(net, pixels, labels, iteration=0, generator=torch.Generator().manual_seed(0))
-    assert set(terms) == {"cls", "aux", "ptc", "ctc", "seg", "reg", "total"} and all(torch.isfinite(v) for v in terms.values())
-    want = terms["cls"] + terms["aux"] + 0.2 * terms["ptc"] + 0.5 * terms["ctc"]  # no seg term before seg_from
+    # no segmentation term before seg_from (not even computed)
+    assert set(terms) == {"cls", "aux", "ptc", "ctc", "total"} and all(torch.isfinite(v) for v in terms.values())
+    want = terms["cls"] + terms["aux"] + 0.2 * terms["ptc"] + 0.5 * terms["ctc"]
     assert terms["total"].item() == pytest.approx(want.item(), rel=1e-6)
     terms["total"].backward()
     assert net.classifier.weight.grad.abs().sum() > 0 and net.aux_classifier.weight.grad.abs().sum() > 0
+    # the head that does not learn yet still has a (zero) gradient: DDP expects one for every parameter
+    assert all(p.grad is not None and not p.grad.any() for p in net.seg_head.parameters())
     assert net.proj.mlp[0].weight.grad.abs().sum() > 0  # CTC reaches the projection head
     assert all(p.grad is None for p in net.proj_teacher.parameters())
     for t0, s0, t1 in zip(teacher_before, student_before, net.proj_teacher.parameters(), strict=True):
@@ -138,3 +143,13 @@ def test_toco_objective_terms_weights_and_gradients():
             + 0.05 * later["reg"])
     assert later["reg"] <= 0  # an energy of alike neighbours rewarded for agreeing
     assert later["total"].item() == pytest.approx(want.item(), rel=1e-6)
+    # without CTC (w_ctc 0): no CTC term and no teacher step; the projection head gets zero gradients
+    net.zero_grad()
+    teacher = [p.detach().clone() for p in net.proj_teacher.parameters()]
+    no_ctc = ToCoObjective(cam_scales=(1.0,), local_crops=3, local_crop_size=32, w_ctc=0.0, seg_from=10)
+    terms = no_ctc(net, pixels, labels, iteration=0)
+    assert "ctc" not in terms
+    assert terms["total"].item() == pytest.approx((terms["cls"] + terms["aux"] + 0.2 * terms["ptc"]).item(), rel=1e-6)
+    terms["total"].backward()
+    assert all(p.grad is not None and not p.grad.any() for p in net.proj.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(teacher, net.proj_teacher.parameters(), strict=True))

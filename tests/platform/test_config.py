@@ -92,7 +92,7 @@ def test_label_sections_default_to_the_core_defaults():
     ("mask.crf_iterations=5", "mask.crf_iterations: moved to crf.iterations"),
     ("refine=caa", "refine: a list of refiner names now, e.g. refine: [caa, crf] or [caa]"),
     ("refine=[crf, caa]", "cam_source=clip_es with refine=['crf', 'caa']: refiner 'caa' works on CAMs and must come before 'crf'"),
-    ("cam_source=toco", "cam_source: unknown CAM source 'toco'; known: clip_es, gradcam"),
+    ("cam_source=psa", "cam_source: unknown CAM source 'psa'; known: clip_es, gradcam, toco, toco_seg"),
     ("refine=[caa, pamr]", "refine: unknown refiner(s) ['pamr']; known: caa, crf, par"),
 ])
 def test_old_and_impossible_label_configs_fail_naming_the_key(override, needle):

@@ -44,7 +44,7 @@ def write(tmp_path, space, **extra):
     ({"mask.crf": {"choices": [True, False]}}, "search_space.mask.crf", "replaced by the refine list"),
     ({"refine": {"choices": [["crf", "caa"]]}}, "search_space.refine", "must come before 'crf'"),
     ({"refine": {"choices": ["caa"]}}, "search_space.refine", "a list of refiner names"),
-    ({"cam_source": {"choices": ["clip_es", "toco"]}}, "search_space.cam_source", "unknown CAM source 'toco'"),
+    ({"cam_source": {"choices": ["clip_es", "psa"]}}, "search_space.cam_source", "unknown CAM source 'psa'"),
 ])
 def test_bad_declarations_name_the_key(tmp_path, space, key, words):
     with pytest.raises(ConfigError) as e:

@@ -1,10 +1,10 @@
 """Driver for the multi-node test (run in its own process: it starts its own Ray cluster).
 
 Two Ray nodes on loopback (``ray.cluster_utils.Cluster``), 2 CPU workers (gloo) placed on different
-nodes (STRICT_SPREAD), the platform's own model / optimiser / DDP (``loop.build``), SGD step
-(``loop.step``) and Ray Data crops (``data.train_dataset``). After every step each worker's full
+nodes (STRICT_SPREAD), the recipe's own module / optimiser / DDP (``loop.build``), step
+(``loop.step``) and Ray Data samples (``recipe.dataset``). After every step each worker's full
 parameter vector is gathered and compared; rank 0 writes what it saw to the JSON file argv[2].
-Usage: python two_node_train.py <demo VOC dataset> <result.json>
+Usage: python two_node_train.py <demo VOC dataset> <result.json> <recipe: segmenter | toco>
 """
 
 import json
@@ -23,18 +23,20 @@ def per_worker(config):
     import torch.distributed as dist
 
     from wsss_platform.train import loop
-    from wsss_platform.train.config import TrainConfig
+    from wsss_platform.train.recipes import recipe_class
 
-    cfg = TrainConfig.model_validate(config["cfg"])
+    cls = recipe_class(config["recipe"])
+    recipe = cls(cls.config.model_validate(config["cfg"]))
+    cfg = recipe.cfg
     torch.manual_seed(cfg.train.seed)
-    model, optimizer, scheduler = loop.build(cfg, config["num_classes"], None)
+    model, optimizer, scheduler = loop.build(recipe, config["num_classes"], None)
     nodes = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     losses, diffs = [], []
     shard = ray.train.get_dataset_shard("train")
     while len(losses) < cfg.train.iterations:
         for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True):
-            losses.append(loop.step(model, optimizer, scheduler, batch, cfg.train.mu, None, torch.device("cpu")))
+            losses.append(loop.step(recipe, model, optimizer, scheduler, batch, None, torch.device("cpu"))["loss"])
             flat = torch.cat([p.detach().flatten() for p in loop.unwrap(model).parameters()])
             every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
             dist.all_gather(every, flat)
@@ -48,7 +50,17 @@ def per_worker(config):
     ray.train.report({"done": 1})
 
 
-def main(dataset: str, result: str) -> None:
+SETTINGS = {
+    "segmenter": ["train.pseudo_masks=none", "model.head=largefov", "train.batch_size=4", "train.crop_size=48",
+                  "train.lr=0.005"],
+    # seg_from 0: every term (PTC, CTC, the head's loss and its CRF energy) takes part from the first step
+    "toco": ["train.batch_size=2", "train.crop_size=64", "train.local_crop_size=32", "train.local_crops=2",
+             "train.lr=0.001", "train.warmup_iterations=0", "train.seg_from=0", "train.cam_scales=[1.0]",
+             "model.proj_dim=64"],
+}
+
+
+def main(dataset: str, result: str, recipe: str) -> None:
     import ray
     import ray.train
     from ray.cluster_utils import Cluster
@@ -56,23 +68,22 @@ def main(dataset: str, result: str) -> None:
 
     from wsss_platform.config import build_config
     from wsss_platform.datasets import open_dataset
-    from wsss_platform.train import data
-    from wsss_platform.train.config import TrainConfig
+    from wsss_platform.train.recipes import recipe_class
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cfg = build_config(TrainConfig, {}, [
-            f"dataset.uri={dataset}", "train.pseudo_masks=none", "model.backbone=open_clip:tiny", "model.pretrained=none",
-            "model.head=largefov", "train.batch_size=4", "train.crop_size=48", "train.iterations=16", "train.lr=0.005",
-            "train.scale_range=[1.0,1.0]", "compute.num_workers=2"])
+        cls = recipe_class(recipe)
+        cfg = build_config(cls.config, {}, [
+            f"dataset.uri={dataset}", "model.backbone=open_clip:tiny", "model.pretrained=none", "train.iterations=16",
+            "train.scale_range=[1.0,1.0]", "compute.num_workers=2", *SETTINGS[recipe]])
         ds = open_dataset(cfg.dataset)
         trainer = TorchTrainer(
-            per_worker, datasets={"train": data.train_dataset(cfg, list(ds.ids), cfg.dataset.worker_payload())},
+            per_worker, datasets={"train": cls(cfg).dataset(list(ds.ids), cfg.dataset.worker_payload())},
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "num_classes": 1 + len(ds.classes.names),
-                               "result": result},
+                               "result": result, "recipe": recipe},
             scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1},
                                                    placement_strategy="STRICT_SPREAD"),
             run_config=ray.train.RunConfig(storage_path=os.path.dirname(result), name="two-nodes"))
@@ -83,4 +94,4 @@ def main(dataset: str, result: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -28,7 +28,8 @@ def class_activation(tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 
 def toco_cam(cam_fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
-             scales: Sequence[float] = (1.0, 0.5, 1.5), flip: bool = True) -> torch.Tensor:
+             scales: Sequence[float] = (1.0, 0.5, 1.5), flip: bool = True,
+             size: tuple[int, int] | None = None) -> torch.Tensor:
     """Multi-scale (+ flip) CAMs, min–max normalised per image and class.
 
     Args:
@@ -36,16 +37,18 @@ def toco_cam(cam_fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tenso
         pixels: normalised [B, 3, H, W].
         scales: reference (1.0, 0.5, 1.5); each resized with ``int(s · H) × int(s · W)``.
         flip: also the mirrored image, combined by the element-wise max.
+        size: where the scales meet (default (H, W); a labeling source uses the token grid).
 
     Returns:
-        [B, C, H, W] in [0, 1): ``(cam − min) / (max − min + 1e-5)`` of the sum over scales.
+        [B, C, *size] in [0, 1): ``(cam − min) / (max − min + 1e-5)`` of the sum over scales.
     """
     b, _, h, w = pixels.shape
+    out_size = tuple(size) if size is not None else (h, w)
     total = None
     for s in scales:
         x = pixels if s == 1 else F.interpolate(pixels, size=(int(s * h), int(s * w)), mode="bilinear",
                                                 align_corners=False)
-        cam = F.interpolate(cam_fn(torch.cat([x, x.flip(-1)]) if flip else x), size=(h, w), mode="bilinear",
+        cam = F.interpolate(cam_fn(torch.cat([x, x.flip(-1)]) if flip else x), size=out_size, mode="bilinear",
                             align_corners=False)
         cam = torch.maximum(cam[:b], cam[b:].flip(-1)) if flip else cam
         total = cam.relu() if total is None else total + cam.relu()

@@ -4,7 +4,7 @@ the whole objective in ``toco``)."""
 from wsss_core.losses.cgl import cgl_loss
 from wsss_core.losses.energy import dense_energy_loss
 from wsss_core.losses.seg import balanced_seg_loss
-from wsss_core.losses.toco import ToCoObjective, par_seg_labels
+from wsss_core.losses.toco import ToCoObjective, ToCoTraining, par_seg_labels
 from wsss_core.losses.token_contrast import (
     ctc_loss,
     pair_labels,
@@ -15,6 +15,6 @@ from wsss_core.losses.token_contrast import (
 )
 
 __all__ = [
-    "ToCoObjective", "balanced_seg_loss", "cgl_loss", "ctc_loss", "dense_energy_loss", "pair_labels", "par_seg_labels", "ptc_loss",
+    "ToCoObjective", "ToCoTraining", "balanced_seg_loss", "cgl_loss", "ctc_loss", "dense_energy_loss", "pair_labels", "par_seg_labels", "ptc_loss",
     "roi_crops", "roi_map", "token_labels_from_cam",
 ]

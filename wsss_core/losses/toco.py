@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from wsss_core.cams.toco_cam import toco_cam
 from wsss_core.losses.energy import dense_energy_loss
@@ -94,7 +95,8 @@ class ToCoObjective:
         return both[:, :c], both[:, c:]
 
     def __call__(self, net, pixels: torch.Tensor, labels: torch.Tensor, iteration: int,
-                 views: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                 views: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """All loss terms of one batch.
 
         Args:
@@ -105,9 +107,14 @@ class ToCoObjective:
             views: CTC's two global views [B, 2, 3, h, w] (two augmentations); default: the
                 image and its mirror.
             generator: for the local crops' positions.
+            valid: bool [B, H, W], False on the crop's padding (the authors' image box): its tokens
+                and pixels get no token or segmentation label, and no CRF energy.
 
         Returns:
-            ``cls``, ``aux``, ``ptc``, ``ctc``, ``seg``, ``reg`` and their weighted sum ``total`` (scalars).
+            ``cls``, ``aux``, ``ptc``, ``ctc`` (when ``w_ctc`` > 0), ``seg`` and ``reg`` (from
+            ``seg_from`` on) and their weighted sum ``total`` (scalars). A term that does not count
+            is not computed; the heads it would train still enter ``total`` times 0, so that
+            data-parallel training sees a gradient (zero) for every parameter at every step.
         """
         labels = labels.float()
         cam, cam_aux = self.cams(net, pixels)
@@ -116,19 +123,35 @@ class ToCoObjective:
                  "aux": F.multilabel_soft_margin_loss(out["aux_logits"], labels)}
         tokens = out["tokens"]
         grid_cam = F.interpolate(cam_aux, size=tokens.shape[-2:], mode="bilinear", align_corners=False)
-        token_labels = token_labels_from_cam(grid_cam, labels, self.high, self.low).flatten(1)
+        grid_valid = None if valid is None else F.interpolate(valid[:, None].float(), size=tokens.shape[-2:],
+                                                              mode="nearest")[:, 0].bool()
+        token_labels = token_labels_from_cam(grid_cam, labels, self.high, self.low, grid_valid).flatten(1)
         terms["ptc"] = ptc_loss(tokens.flatten(2).transpose(1, 2), token_labels)
-        terms["ctc"] = self._ctc(net, pixels, labels, cam_aux, out["cls_token"], views, generator)
-        seg_labels = par_seg_labels(pixels, cam, labels, self.high, self.low, self.par_dilations, self.par_iterations)
-        seg = F.interpolate(out["seg"], size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        terms["seg"] = balanced_seg_loss(seg, seg_labels)
-        rgb = (pixels * net.std + net.mean) * 255
-        terms["reg"] = self.reg_scale * dense_energy_loss(rgb, seg.softmax(1), torch.ones_like(seg[:, 0]), seg_labels,
-                                                          self.reg_sigma_rgb, self.reg_sigma_xy)
-        on = float(iteration >= self.seg_from)
-        terms["total"] = (terms["cls"] + terms["aux"] + self.w_ptc * terms["ptc"] + self.w_ctc * terms["ctc"]
-                          + on * (self.w_seg * terms["seg"] + self.w_reg * terms["reg"]))
+        total = terms["cls"] + terms["aux"] + self.w_ptc * terms["ptc"]
+        if self.w_ctc > 0:
+            terms["ctc"] = self._ctc(net, pixels, labels, cam_aux, out["cls_token"], views, generator)
+            total = total + self.w_ctc * terms["ctc"]
+        else:
+            total = total + 0.0 * sum(p.sum() for p in net.proj.parameters() if p.requires_grad)
+        if iteration >= self.seg_from:
+            terms |= self._seg(net, pixels, labels, cam, out["seg"], valid)
+            total = total + self.w_seg * terms["seg"] + self.w_reg * terms["reg"]
+        else:
+            total = total + 0.0 * out["seg"].sum()
+        terms["total"] = total
         return terms
+
+    def _seg(self, net, pixels, labels, cam, seg, valid) -> dict[str, torch.Tensor]:
+        """The segmentation head's balanced CE on PAR-refined CAM labels, and its CRF energy."""
+        seg_labels = par_seg_labels(pixels, cam, labels, self.high, self.low, self.par_dilations, self.par_iterations)
+        roi = torch.ones_like(seg_labels, dtype=torch.float32) if valid is None else valid.float()
+        if valid is not None:
+            seg_labels = seg_labels.masked_fill(~valid, IGNORE)
+        seg = F.interpolate(seg, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        rgb = (pixels * net.std + net.mean) * 255
+        return {"seg": balanced_seg_loss(seg, seg_labels),
+                "reg": self.reg_scale * dense_energy_loss(rgb, seg.softmax(1), roi, seg_labels, self.reg_sigma_rgb,
+                                                          self.reg_sigma_xy)}
 
     def _ctc(self, net, pixels, labels, cam_aux, cls_token, views, generator) -> torch.Tensor:
         b = pixels.shape[0]
@@ -143,3 +166,23 @@ class ToCoObjective:
         local = net.project(net.class_tokens(crops.flatten(0, 1))).view(b, self.local_crops, -1)
         student = torch.cat([net.project(global_cls).view(b, 2, -1), local], dim=1)
         return ctc_loss(student, teacher, torch.cat([torch.ones_like(flags[:, :2]), flags], dim=1), self.temp)
+
+
+class ToCoTraining(nn.Module):
+    """The network and its objective as one module whose ``forward`` is a training step's loss terms.
+
+    The objective runs the backbone several times per step (CAMs, the mirrored view, the local
+    crops) through methods other than ``forward``; wrapped like this, data-parallel training
+    (DDP) sees all of them inside the one forward it hooks, so every gradient is synchronised.
+    """
+
+    def __init__(self, net: nn.Module, objective: ToCoObjective) -> None:
+        super().__init__()
+        self.net, self.objective = net, objective
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor, iteration: int,
+                valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.objective(self.net, pixels, labels, iteration, valid=valid)
+
+    def param_groups(self, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 0.01) -> list[dict]:
+        return self.net.param_groups(lr, head_lr_mult, weight_decay)

@@ -63,6 +63,42 @@ class Backbone(nn.Module):
         """ViTs: the maps of :meth:`forward` and the class token [B, D] after the last chosen block."""
         raise NotImplementedError
 
+    def attention_blocks(self) -> list[nn.Module]:
+        """ViTs: each kept block's attention module, in order (its first input: the normalised tokens)."""
+        raise ValueError("a CNN backbone has no attention; use a ViT")
+
+    def attention_probs(self, attn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """Head-averaged attention probabilities [B, S, S] of ``attn`` on its input tokens ``y`` [B, S, D]."""
+        raise NotImplementedError
+
+    num_prefix_tokens: int = 1
+
+    @torch.no_grad()
+    def attention(self, pixels: torch.Tensor, last: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Attention among the patch tokens averaged over heads and over the last L blocks, for each L.
+
+        Args:
+            pixels: normalised [B, 3, H, W] (H, W multiples of the patch size).
+            last: the L values (each clamped to 1..depth).
+
+        Returns:
+            {L: float32 [B, N, N]} with N = h·w, the rows the attending tokens.
+        """
+        blocks = self.attention_blocks()
+        depth, seen = len(blocks), {}
+        wanted = {n: max(1, min(int(n), depth)) for n in last}
+        first = depth - max(wanted.values(), default=0)
+        hooks = [blk.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0]))
+                 for i, blk in enumerate(blocks) if i >= first]
+        try:
+            self.forward_with_cls(pixels)
+        finally:
+            for h in hooks:
+                h.remove()
+        p = self.num_prefix_tokens
+        probs = {i: self.attention_probs(blocks[i], y)[:, p:, p:].float() for i, y in seen.items()}
+        return {n: torch.stack([probs[i] for i in range(depth - k, depth)]).mean(0) for n, k in wanted.items()}
+
 
 class TimmBackbone(Backbone):
     """A timm CNN through ``features_only`` (dilated to ``output_stride``), or a timm ViT through its
@@ -86,6 +122,7 @@ class TimmBackbone(Backbone):
             self.model.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
             self.channels = [int(self.model.embed_dim)] * len(self.indices)
             self.patch_size = self.stride = int(self.model.patch_embed.patch_size[0])
+            self.num_prefix_tokens = int(self.model.num_prefix_tokens)
         else:
             n_stages = len(probe.feature_info) if hasattr(probe, "feature_info") else 5
             idx = tuple(i % n_stages for i in out_indices)
@@ -110,6 +147,17 @@ class TimmBackbone(Backbone):
         out = self.model.forward_intermediates(pixels, indices=self.indices, output_fmt="NCHW",
                                                intermediates_only=True, return_prefix_tokens=True)
         return [m for m, _ in out], out[-1][1][:, 0]
+
+    def attention_blocks(self) -> list[nn.Module]:
+        if not self.is_vit:
+            return super().attention_blocks()
+        return [blk.attn for blk in self.model.blocks]
+
+    def attention_probs(self, attn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        b, s, _ = y.shape
+        q, k, _ = attn.qkv(y).reshape(b, s, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        return ((q @ k.transpose(-2, -1)).float() * attn.scale).softmax(-1).mean(1)
 
 
 class OpenClipBackbone(Backbone):
@@ -155,6 +203,16 @@ class OpenClipBackbone(Backbone):
             if i in self.indices:
                 out.append(x[:, 1:].transpose(1, 2).reshape(b, d, gh, gw))
         return out, x[:, 0]
+
+    def attention_blocks(self) -> list[nn.Module]:
+        return [blk.attn for blk in self.blocks]
+
+    def attention_probs(self, attn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        b, s, d = y.shape
+        heads = attn.num_heads
+        q, k = F.linear(y, attn.in_proj_weight[: 2 * d], attn.in_proj_bias[: 2 * d]).chunk(2, dim=-1)
+        q, k = (t.view(b, s, heads, d // heads).transpose(1, 2) for t in (q, k))
+        return ((q @ k.transpose(-1, -2)).float() * (d // heads) ** -0.5).softmax(-1).mean(1)
 
 
 def create_backbone(name: str, pretrained: WeightsSource = None, *, output_stride: int = 16,

@@ -15,6 +15,8 @@ tokens; its teacher is an EMA copy of the head only (the encoder is shared, its 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +44,17 @@ class CTCHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
-        self.last.parametrizations.weight.original0.data.fill_(1)
-        self.last.parametrizations.weight.original0.requires_grad = False
+        # weight normalisation with the norm fixed at 1 (DINO's g frozen at 1) is just unit rows; written
+        # out rather than through torch's weight_norm parametrisation, which a pickled model cannot hold
+        self.last_v = nn.Parameter(nn.Linear(bottleneck, out_dim, bias=False).weight.detach().clone())
+
+    @property
+    def last_weight(self) -> torch.Tensor:
+        """[out_dim, bottleneck] with unit-norm rows."""
+        return F.normalize(self.last_v, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(F.normalize(self.mlp(x), dim=-1, p=2))
+        return F.linear(F.normalize(self.mlp(x), dim=-1, p=2), self.last_weight)
 
 
 class ToCo(nn.Module):
@@ -121,9 +128,25 @@ class ToCo(nn.Module):
 
 def create_toco(backbone: str, num_classes: int, pretrained: WeightsSource = None, aux_layer: int = -3,
                 proj_dim: int = 1024, momentum: float = 0.9) -> ToCo:
-    """ToCo on a timm ViT name or ``open_clip:<name or config JSON>`` (its visual tower)."""
+    """ToCo on a timm ViT name or ``open_clip:<name or config JSON>`` (its visual tower).
+
+    ``net.spec`` keeps the arguments that rebuild the architecture (:func:`toco_from_state`)."""
     bb = create_backbone(backbone, pretrained, out_indices=(aux_layer, -1))
     if bb.patch_size and (len(set(bb.indices)) != 2 or bb.indices[0] > bb.indices[1]):
         raise ValueError(f"aux_layer={aux_layer}: the auxiliary classifier needs a block before the last "
                          f"(reference -3)")
-    return ToCo(bb, num_classes, proj_dim, momentum)
+    net = ToCo(bb, num_classes, proj_dim, momentum)
+    net.spec = {"backbone": backbone, "num_classes": num_classes, "aux_layer": aux_layer, "proj_dim": proj_dim}
+    return net
+
+
+def toco_from_state(state: Mapping[str, Any]) -> tuple[ToCo, list[str]]:
+    """A trained ToCo (eval mode, CPU) and its class names (background first) from a checkpoint's
+    contents: ``toco`` (``net.spec`` plus ``class_names``) and ``model`` (the state dict)."""
+    spec = state.get("toco")
+    if not isinstance(spec, Mapping) or "model" not in state:
+        raise ValueError("not a ToCo checkpoint (it has no 'toco' spec and 'model' weights): give the output "
+                         "of a ToCo training")
+    net = create_toco(spec["backbone"], int(spec["num_classes"]), None, int(spec["aux_layer"]), int(spec["proj_dim"]))
+    net.load_state_dict(state["model"])
+    return net.eval(), list(spec["class_names"])

@@ -22,6 +22,9 @@ class ModelConfig(Section):
     wsss_core (``tiny``: a small ViT for tests, with pretrained: none)."""
     pretrained: str = "openai"
     """open_clip pretrained tag, a weights file (local path or s3:// URI), or ``none`` (random weights)."""
+    checkpoint: str | None = None
+    """A trained network, for the CAM sources that take one (``toco``, ``toco_seg``): the output of
+    ``wsss train toco`` (its latest checkpoint) or one checkpoint folder, local or s3://."""
 
 
 class TextConfig(Section):

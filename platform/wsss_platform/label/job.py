@@ -34,7 +34,7 @@ from wsss_platform.datasets.base import decode_mask
 from wsss_platform.label import outputs
 from wsss_platform.label.actors import Labeler, Loader, LoadingLabeler, memory_per_actor
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.stages import check_model_paths, check_stages
+from wsss_platform.label.stages import check_model_paths, check_stages, class_set
 from wsss_platform.ownership import OutputLock, fingerprint, refuse_changed
 from wsss_platform.preview import PreviewRow, grid, iou_chart
 from wsss_platform.ray_utils import (
@@ -247,8 +247,8 @@ def run_label(cfg: LabelConfig, log=print) -> LabelSummary:
     check_credentials_reach_workers(cfg.ray_address, cfg.dataset.storage)
     storage.export_credentials(cfg.dataset.storage)
     check_model_paths(cfg)
-    check_stages(cfg)
     ds = open_dataset(cfg.dataset)
+    check_stages(cfg, class_set(list(ds.classes.names), cfg))
     cfg = cfg.model_copy(update={"output": cfg.output.rstrip("/")})
     out, opts = cfg.output, cfg.dataset.storage
     with OutputLock(out, opts, "wsss label"):

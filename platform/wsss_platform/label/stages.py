@@ -2,7 +2,8 @@
 
 The platform names no method. A CAM source's factory (a class in ``wsss_core``'s registry) is
 called with the keyword arguments its signature asks for, each supplied by an entry of ``INPUTS``
-(``clip``: the loaded CLIP model, ``prompts``, ``precision``, ``batch_size``); a refiner's
+(``clip``: the loaded CLIP model, ``prompts``, ``precision``, ``batch_size``, ``checkpoint``: a
+trained network's checkpoint contents, ``classes``, ``device``); a refiner's
 factory gets the config section of its own name (``caa`` -> ``cfg.caa``); the mask section goes
 to the ``PseudoMasker``. What shapes a source's CAMs (for cache keys) is the settings of the
 inputs it takes.
@@ -76,6 +77,31 @@ def precision(cfg: LabelConfig, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
 
 
+@functools.lru_cache(maxsize=2)
+def _checkpoint(uri: str, storage_json: str) -> dict[str, Any]:
+    # Cached per process, like the CLIP model: sweep trials reuse their actor.
+    from wsss_platform.train.checkpoint import load_state
+
+    return load_state(uri, StorageOptions.model_validate_json(storage_json))
+
+
+def checkpoint_uri(cfg: LabelConfig) -> str:
+    """``model.checkpoint`` resolved to one checkpoint folder (an output's latest), or a clear error."""
+    from wsss_platform.train.checkpoint import resolve
+
+    if not cfg.model.checkpoint:
+        raise ConfigError(f"cam_source={cfg.cam_source} labels with a trained network: give model.checkpoint=URI, the "
+                          f"output of `wsss train` (its latest checkpoint) or one of its checkpoint folders")
+    try:
+        return resolve(storage.absolute(cfg.model.checkpoint), cfg.dataset.storage)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("--checkpoint", "model.checkpoint")) from None
+
+
+def load_checkpoint(cfg: LabelConfig) -> dict[str, Any]:
+    return _checkpoint(checkpoint_uri(cfg), cfg.dataset.storage.model_dump_json())
+
+
 @dataclass(frozen=True)
 class Input:
     """What the platform hands a CAM-source factory as one keyword argument."""
@@ -83,6 +109,11 @@ class Input:
     settings: Callable[[LabelConfig], Any] | None
     """The config values that shape the CAMs through it (None: it does not shape them)."""
     build: Callable[[LabelConfig, ClassSet, torch.device], Any]
+    check: Callable[[LabelConfig], Any] | None = None
+    """On the driver, before Ray: fails with the fix named when the input cannot be supplied."""
+    build_on_driver: bool = False
+    """Build the source once on the driver's CPU too, so that an input that does not fit the source
+    (a checkpoint of another network or other classes) fails there, named, not in every actor."""
 
 
 INPUTS: dict[str, Input] = {
@@ -91,6 +122,10 @@ INPUTS: dict[str, Input] = {
                      lambda c, cls, _: build_prompts(cls, c.text.template, c.text.fuse_synonyms, c.text.use_background)),
     "precision": Input(lambda c: c.compute.precision, lambda c, _, d: precision(c, d)),
     "batch_size": Input(None, lambda c, _, d: c.compute.batch_size),
+    # the resolved folder, not the URI: an output's latest checkpoint changes as it trains on
+    "checkpoint": Input(checkpoint_uri, lambda c, _, d: load_checkpoint(c), check=checkpoint_uri, build_on_driver=True),
+    "classes": Input(None, lambda c, cls, _: cls),
+    "device": Input(None, lambda c, _, d: d),
 }
 
 
@@ -131,10 +166,19 @@ def build_pipeline(cfg: LabelConfig, classes: ClassSet, device: torch.device) ->
     return LabelingPipeline(build_cam_source(cfg, classes, device), build_masker(cfg))
 
 
-def check_stages(cfg: LabelConfig) -> None:
-    """On the driver, before Ray: the source's inputs can be supplied and the refiners build (an
-    optional package a refiner needs is missing here, not in every actor)."""
-    source_params(cfg.cam_source)
+def check_stages(cfg: LabelConfig, classes: ClassSet | None = None) -> None:
+    """On the driver, before Ray: the source's inputs can be supplied (and, for inputs that ask for
+    it, the source builds with the dataset's ``classes``) and the refiners build (an optional
+    package a refiner needs is missing here, not in every actor)."""
+    params = source_params(cfg.cam_source)
+    for p in params:
+        if INPUTS[p].check is not None:
+            INPUTS[p].check(cfg)
+    if classes is not None and any(INPUTS[p].build_on_driver for p in params):
+        try:
+            build_cam_source(cfg, classes, torch.device("cpu"))
+        except ValueError as e:
+            raise ConfigError(f"cam_source={cfg.cam_source} with model.checkpoint={cfg.model.checkpoint}: {e}") from None
     try:
         build_masker(cfg)
     except ImportError as e:

@@ -1,8 +1,9 @@
-"""The training job's typed config (``wsss train segmenter``)."""
+"""The training jobs' typed configs: one per recipe (``wsss train segmenter``, ``wsss train toco``) on
+a shared base (data, output, compute, tracking) and a shared schedule (iterations, crops, optimiser)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -20,11 +21,9 @@ class SegmenterModel(Section):
     """CNN backbones only."""
 
 
-class Schedule(Section):
-    pseudo_masks: str = ""
-    """A ``wsss label`` output (its pseudo/ and confidence/), or ``none`` to train on the ground truth."""
-    mu: float = Field(0.95, ge=0.0, le=1.0)
-    """CGL: pixels whose pseudo-mask confidence is below mu are ignored (0 = plain cross-entropy)."""
+class ScheduleBase(Section):
+    """What every recipe's schedule has; a recipe's own section adds its losses' settings."""
+
     iterations: int = Field(20000, ge=1)
     batch_size: int = Field(8, ge=1)
     """Per worker."""
@@ -46,15 +45,24 @@ class Schedule(Section):
     eval_every: int = Field(1000, ge=1)
     val_split: str | None = "val"
     """Split scored during and after training (needs ground truth); None skips evaluation."""
-    eval_scales: list[float] = Field(default_factory=lambda: [1.0])
-    eval_flip: bool = False
     seed: int = 0
 
     @model_validator(mode="after")
-    def _scales(self) -> Schedule:
+    def _scales(self) -> ScheduleBase:
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"scale_range: need 0 < low <= high, got {self.scale_range}")
         return self
+
+
+class Schedule(ScheduleBase):
+    """The segmenter's schedule: CGL on pseudo masks."""
+
+    pseudo_masks: str = ""
+    """A ``wsss label`` output (its pseudo/ and confidence/), or ``none`` to train on the ground truth."""
+    mu: float = Field(0.95, ge=0.0, le=1.0)
+    """CGL: pixels whose pseudo-mask confidence is below mu are ignored (0 = plain cross-entropy)."""
+    eval_scales: list[float] = Field(default_factory=lambda: [1.0])
+    eval_flip: bool = False
 
 
 class TrainCompute(Section):
@@ -83,14 +91,89 @@ class TrainTracking(Section):
     """Training images in the run's preview.png (image | prediction | pseudo mask | ground truth)."""
 
 
-class TrainConfig(Section):
+class TrainBase(Section):
+    """What every recipe's config has; a recipe adds ``model`` and ``train`` sections."""
+
+    recipe: ClassVar[str]
     dataset: DatasetConfig = DatasetConfig()
     output: str = "train-output"
     """Checkpoints and the run's state (local path or s3://)."""
-    model: SegmenterModel = SegmenterModel()
-    train: Schedule = Schedule()
     compute: TrainCompute = TrainCompute()
     tracking: TrainTracking = TrainTracking()
     overwrite: bool = False
     """Start over in an output that holds a training (its checkpoints and state are removed)."""
     ray_address: str | None = None
+
+
+class TrainConfig(TrainBase):
+    """``wsss train segmenter``: the segmenter on pseudo masks with CGL."""
+
+    recipe: ClassVar[str] = "segmenter"
+    model: SegmenterModel = SegmenterModel()
+    train: Schedule = Schedule()
+
+
+class ToCoModel(Section):
+    backbone: str = "deit_base_patch16_224"
+    """A timm ViT name, or ``open_clip:<name or model-config JSON>`` (a CLIP visual tower)."""
+    pretrained: str = "timm"
+    """``none``, ``timm`` (timm's own weights), an open_clip tag, or a weights file (path or s3:// URI)."""
+    aux_layer: int = -3
+    """The block the auxiliary classifier (and PTC's token labels) reads, from the end."""
+    proj_dim: int = Field(1024, ge=1)
+    """CTC's projection-head output width."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """EMA momentum of CTC's teacher head."""
+
+
+class ToCoSchedule(ScheduleBase):
+    """ToCo's schedule; defaults are the authors' VOC script (METHODS.md). COCO: high 0.65, temp 1.0."""
+
+    iterations: int = Field(20000, ge=1)
+    batch_size: int = Field(2, ge=1)
+    """Per worker (the reference: 2 images on each of 2 GPUs)."""
+    crop_size: int = Field(448, ge=32)
+    lr: float = Field(6e-5, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_iterations: int = Field(1500, ge=0)
+    checkpoint_every: int = Field(2000, ge=1)
+    eval_every: int = Field(2000, ge=1)
+    high: float = Field(0.7, gt=0, le=1)
+    """CAM above this: a confident class (token labels, ROI, segmentation labels)."""
+    low: float = Field(0.25, ge=0, lt=1)
+    """CAM at or below this: confident background."""
+    bkg: float = Field(0.5, gt=0, le=1)
+    """Background threshold of the CAM pseudo masks scored on the val split."""
+    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
+    """Scales of the CAMs that make the token labels, CTC's ROI and the segmentation labels while training."""
+    eval_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
+    """Scales of the CAMs scored on the val split (and the ``toco`` labeling source's)."""
+    local_crops: int = Field(8, ge=1)
+    """CTC's local crops per image (the authors' ncrops − 2)."""
+    local_crop_size: int = Field(96, ge=16)
+    temp: float = Field(0.5, gt=0)
+    w_ptc: float = Field(0.2, ge=0)
+    w_ctc: float = Field(0.5, ge=0)
+    w_seg: float = Field(0.1, ge=0)
+    w_reg: float = Field(0.05, ge=0)
+    seg_from: int = Field(2000, ge=0)
+    """Iteration from which the segmentation head (and its CRF regulariser) learns."""
+    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    par_iterations: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _bands(self) -> ToCoSchedule:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.local_crop_size >= self.crop_size:
+            raise ValueError(f"local_crop_size ({self.local_crop_size}) must be smaller than crop_size ({self.crop_size})")
+        return self
+
+
+class ToCoConfig(TrainBase):
+    """``wsss train toco``: ToCo on image-level labels (its CAMs label with ``cam_source=toco``)."""
+
+    recipe: ClassVar[str] = "toco"
+    model: ToCoModel = ToCoModel()
+    train: ToCoSchedule = ToCoSchedule()

@@ -1,8 +1,8 @@
-"""``wsss train segmenter``: the segmenter on pseudo masks with CGL, on Ray Train (driver side).
+"""``wsss train <recipe>`` on Ray Train (driver side), for every recipe (``recipes``).
 
-ids of the split -> Ray Data crops (``data``) -> ``TorchTrainer`` (``loop``, DDP over
+ids of the split -> Ray Data samples (``recipe.dataset``) -> ``TorchTrainer`` (``loop``, DDP over
 ``compute.num_workers``) with checkpoints in ``<output>/train/`` (local or s3://), the best kept by
-val mIoU, and ``FailureConfig(max_failures)``: a lost worker restarts the group from the last
+the recipe's val score, and ``FailureConfig(max_failures)``: a lost worker restarts the group from the last
 checkpoint. Running the same command again continues an interrupted run (Train V2 restores its
 checkpoints from the same storage path and name) in the same MLflow run. The final model is logged
 with ``mlflow.pytorch.log_model`` (and registered when ``tracking.register_as`` is set).
@@ -30,8 +30,9 @@ from wsss_platform.ray_utils import (
     init_ray,
 )
 from wsss_platform.tracking import JobRun, tracking_uri
-from wsss_platform.train import data, loop
-from wsss_platform.train.config import TrainConfig
+from wsss_platform.train import loop
+from wsss_platform.train.config import TrainBase
+from wsss_platform.train.recipes import Recipe, recipe_for
 
 NAME = "train"
 
@@ -41,6 +42,8 @@ class TrainSummary:
     output: str
     iterations: int = 0
     val_miou: float | None = None
+    """The recipe's val score (``score``): the segmenter's mIoU, ToCo's CAM mIoU."""
+    score: str = "val_miou"
     checkpoint: str | None = None
     run_id: str | None = None
     run_url: str | None = None
@@ -50,11 +53,11 @@ class TrainSummary:
     def line(self) -> str:
         s = f"trained {self.iterations} iterations in {self.seconds:.0f}s"
         if self.val_miou is not None:
-            s += f"; val mIoU {self.val_miou:.4f}"
+            s += f"; {self.score} {self.val_miou:.4f}"
         return s + f"; checkpoint {self.checkpoint}"
 
 
-def _val(cfg: TrainConfig) -> tuple[dict[str, Any] | None, list[str]]:
+def _val(cfg: TrainBase) -> tuple[dict[str, Any] | None, list[str]]:
     """The val split's dataset payload and ids, when it has ground truth."""
     if not cfg.train.val_split:
         return None, []
@@ -77,7 +80,7 @@ def train_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {"dataset": data, "model": config["model"], "train": schedule}
 
 
-def claim(cfg: TrainConfig, log) -> dict[str, Any]:
+def claim(cfg: TrainBase, log) -> dict[str, Any]:
     """The output's training state: {} for a new one (or after overwrite); refuses one trained with
     other settings, which a continued run would silently mix into its checkpoints."""
     uri, opts = storage.join(cfg.output, "train.json"), cfg.dataset.storage
@@ -95,10 +98,11 @@ def claim(cfg: TrainConfig, log) -> dict[str, Any]:
     return state
 
 
-def _trainer(cfg: TrainConfig, loop_config: dict[str, Any], train_ds, callbacks: list | None = None):
+def _trainer(recipe: Recipe, loop_config: dict[str, Any], train_ds, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg = recipe.cfg
     use_gpu = cluster_gpus() > 0 if cfg.compute.use_gpu == "auto" else bool(cfg.compute.use_gpu)
     pa_fs, root = storage.pyarrow_filesystem(cfg.output, cfg.dataset.storage)
     has_val = bool(loop_config["val_ids"])
@@ -110,14 +114,14 @@ def _trainer(cfg: TrainConfig, loop_config: dict[str, Any], train_ds, callbacks:
         run_config=ray.train.RunConfig(
             name=NAME, storage_path=root, storage_filesystem=pa_fs,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.compute.checkpoints_to_keep, checkpoint_score_attribute="val_miou" if has_val else None,
+                num_to_keep=cfg.compute.checkpoints_to_keep, checkpoint_score_attribute=recipe.score if has_val else None,
                 checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures), callbacks=callbacks,
             # Train's own per-report and setup lines only with --verbose; the loop prints one line per checkpoint
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")))
 
 
-def check_cpus(cfg: TrainConfig, concurrent: int = 1, overhead: float = 0.0) -> None:
+def check_cpus(cfg: TrainBase, concurrent: int = 1, overhead: float = 0.0) -> None:
     """The workers and the data loader must fit at once, or Ray Data waits for CPUs forever."""
     import ray
 
@@ -131,8 +135,8 @@ def check_cpus(cfg: TrainConfig, concurrent: int = 1, overhead: float = 0.0) -> 
                           "compute.cpus_per_worker or compute.num_workers" + (" or tune.max_concurrent_trials" if times else ""))
 
 
-def _log_model(cfg: TrainConfig, model: torch.nn.Module, run: JobRun) -> None:
-    """The trained segmenter as an MLflow model (registered under ``tracking.register_as``)."""
+def _log_model(cfg: TrainBase, model: torch.nn.Module, run: JobRun) -> None:
+    """The trained network as an MLflow model (registered under ``tracking.register_as``)."""
     import mlflow.pytorch
 
     # pickle: the pt2 format would trace the model on an input example of one fixed size
@@ -140,35 +144,26 @@ def _log_model(cfg: TrainConfig, model: torch.nn.Module, run: JobRun) -> None:
                              registered_model_name=cfg.tracking.register_as)
 
 
-def _preview_rows(cfg: TrainConfig, ds) -> list[tuple[str, Any, Any, Any]]:
-    from wsss_platform.datasets.base import decode_mask
-    from wsss_platform.label import outputs
-
-    rows = []
-    for image_id in ds.ids[: cfg.tracking.preview_images]:
-        row = ds.load(image_id)
-        pseudo = row.mask if data.uses_ground_truth(cfg) else decode_mask(
-            storage.read_bytes(outputs.pseudo_uri(cfg.train.pseudo_masks, image_id), cfg.dataset.storage), image_id)
-        rows.append((image_id, row.image, pseudo, row.mask))
-    return rows
+def per_class_table(metrics: dict[str, float], names: list[str]) -> dict[str, list]:
+    """``<metric>/<class>`` IoUs of the final metrics as columns, one row per class."""
+    prefixes = sorted({k.split("/", 1)[0] for k in metrics if "_iou/" in k})
+    return {"class": list(names)} | {p: [None if (v := metrics.get(f"{p}/{n}")) is None else round(v, 4) for n in names]
+                                     for p in prefixes}
 
 
-def _track(cfg: TrainConfig, ds, summary: TrainSummary, run: JobRun) -> None:
+def _track(recipe: Recipe, ds, summary: TrainSummary, run: JobRun) -> None:
     """The final checkpoint's URI as a tag, the model, the per-class val IoU and a preview grid."""
-    from wsss_platform.train import checkpoint, evaluate
-
+    cfg = recipe.cfg
     run.client.set_tag(run.run_id, "wsss.checkpoint", summary.checkpoint)
-    model, names = checkpoint.load_segmenter(summary.checkpoint, cfg.dataset.storage)
+    model, names = recipe.load(summary.checkpoint, cfg.dataset.storage)
     _log_model(cfg, model, run)
-    iou = {n: summary.metrics.get(f"val_iou/{n}") for n in names}
     if summary.val_miou is not None:
-        run.log_table({"class": list(iou), "val_iou": [None if v is None else round(v, 4) for v in iou.values()]},
-                      "per_class_val_iou.json")
+        run.log_table(per_class_table(summary.metrics, names), "per_class_val_iou.json")
     if cfg.tracking.preview_images:
-        run.log_bytes(evaluate.preview(model, _preview_rows(cfg, ds)), "preview.png")
+        run.log_bytes(recipe.preview(model, ds), "preview.png")
 
 
-def _keep_registered_checkpoints(cfg: TrainConfig, result) -> str | None:
+def _keep_registered_checkpoints(cfg: TrainBase, result) -> str | None:
     """The last checkpoint's URI, after removing checkpoint folders Train never registered.
 
     A worker killed after rank 0 wrote a checkpoint but before Train's controller took the report
@@ -186,51 +181,57 @@ def _keep_registered_checkpoints(cfg: TrainConfig, result) -> str | None:
     return storage.join(root, os.path.basename(result.checkpoint.path.rstrip("/")))
 
 
-def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+def absolute_paths(recipe: Recipe) -> TrainBase:
     """Local paths made absolute on the driver: Train's workers run in a folder of their own."""
     from wsss_core.models.weights import looks_like_path
 
     def path(value: str) -> str:
         return storage.absolute(value) if looks_like_path(value) else value
 
+    cfg = recipe.cfg
     backbone = cfg.model.backbone
     if backbone.startswith("open_clip:"):
         backbone = "open_clip:" + path(backbone.removeprefix("open_clip:"))
-    pseudo = cfg.train.pseudo_masks if data.uses_ground_truth(cfg) else storage.absolute(cfg.train.pseudo_masks)
     return cfg.model_copy(update={
         "output": storage.absolute(cfg.output.rstrip("/")),
         "dataset": cfg.dataset.model_copy(update={"uri": storage.absolute(cfg.dataset.uri)}),
         "model": cfg.model.model_copy(update={"backbone": backbone, "pretrained": path(cfg.model.pretrained)}),
-        "train": cfg.train.model_copy(update={"pseudo_masks": pseudo})})
+        "train": cfg.train.model_copy(update=recipe.absolute_train())})
 
 
 @dataclass
 class Plan:
     """What a training needs before Ray Train starts, checked on the driver."""
 
-    cfg: TrainConfig
+    recipe: Recipe
     ds: Any
     loop_config: dict[str, Any]
     payload: dict[str, Any]
 
+    @property
+    def cfg(self) -> TrainBase:
+        return self.recipe.cfg
+
     def trainer(self, callbacks: list | None = None):
-        return _trainer(self.cfg, self.loop_config, data.train_dataset(self.cfg, self.ds.ids, self.payload), callbacks)
+        return _trainer(self.recipe, self.loop_config, self.recipe.dataset(self.ds.ids, self.payload), callbacks)
 
 
-def plan(cfg: TrainConfig) -> Plan:
+def plan(cfg: TrainBase) -> Plan:
     """Paths made absolute, the split opened, the labels and the val split checked (no Ray needed)."""
-    cfg = absolute_paths(cfg)
+    recipe = recipe_for(absolute_paths(recipe_for(cfg)))
+    cfg = recipe.cfg
     ds = open_dataset(cfg.dataset)
-    data.check_pseudo_masks(cfg, ds.ids)
+    recipe.check(ds.ids)
     val_payload, val_ids = _val(cfg)
     payload = cfg.dataset.worker_payload()
     names = ["background", *ds.classes.names]
-    loop_config = {"cfg": cfg.model_dump(mode="json") | {"dataset": payload}, "num_classes": len(names),
-                   "class_names": names, "val_dataset": val_payload, "val_ids": val_ids, "verbose": verbose()}
-    return Plan(cfg, ds, loop_config, payload)
+    loop_config = {"recipe": type(cfg).recipe, "cfg": cfg.model_dump(mode="json") | {"dataset": payload},
+                   "num_classes": len(names), "class_names": names, "val_dataset": val_payload, "val_ids": val_ids,
+                   "verbose": verbose()}
+    return Plan(recipe, ds, loop_config, payload)
 
 
-def run_train(cfg: TrainConfig, log=print) -> TrainSummary:
+def run_train(cfg: TrainBase, log=print) -> TrainSummary:
     t0 = time.perf_counter()
     check_credentials_reach_workers(cfg.ray_address, cfg.dataset.storage)
     storage.export_credentials(cfg.dataset.storage)
@@ -240,7 +241,7 @@ def run_train(cfg: TrainConfig, log=print) -> TrainSummary:
     init_ray(cfg.ray_address, cfg.dataset.storage, include_dashboard=True)
     quiet_ray()
     check_cpus(p.cfg)
-    summary = TrainSummary(output=p.cfg.output)
+    summary = TrainSummary(output=p.cfg.output, score=p.recipe.score)
     with OutputLock(p.cfg.output, cfg.dataset.storage, "wsss train"):
         _fit(p, claim(p.cfg, log), summary, log)
     summary.seconds = time.perf_counter() - t0
@@ -250,10 +251,9 @@ def run_train(cfg: TrainConfig, log=print) -> TrainSummary:
 
 def _fit(p: Plan, state: dict[str, Any], summary: TrainSummary, log) -> None:
     cfg, ds, loop_config = p.cfg, p.ds, p.loop_config
-    log(f"[wsss train] {ds.uri} split {cfg.dataset.split}: {len(ds.ids)} images, "
-        f"{'ground truth' if data.uses_ground_truth(cfg) else 'pseudo masks ' + cfg.train.pseudo_masks}, "
+    log(f"[wsss train] {p.recipe.name}: {ds.uri} split {cfg.dataset.split}: {len(ds.ids)} images, {p.recipe.labels()}, "
         f"{cfg.compute.num_workers} worker(s), {cfg.train.iterations} iterations -> {cfg.output}")
-    with _job_run(cfg, ds, state) as run:
+    with _job_run(p.recipe, ds, state) as run:
         if run is not None:
             loop_config["mlflow"] = {"tracking_uri": tracking_uri(), "run_id": run.run_id}
             summary.run_id, summary.run_url = run.run_id, run.url
@@ -265,22 +265,24 @@ def _fit(p: Plan, state: dict[str, Any], summary: TrainSummary, log) -> None:
         result = p.trainer().fit()
         summary.metrics = dict(result.metrics or {})
         summary.iterations = int(summary.metrics.get("iteration", 0))
-        summary.val_miou = summary.metrics.get("val_miou")
+        summary.val_miou = summary.metrics.get(p.recipe.score)
         summary.checkpoint = _keep_registered_checkpoints(cfg, result)
         if run is not None and summary.checkpoint:
-            _track(cfg, ds, summary, run)
+            _track(p.recipe, ds, summary, run)
 
 
-def _job_run(cfg: TrainConfig, ds, state: dict[str, Any]):
+def _job_run(recipe: Recipe, ds, state: dict[str, Any]):
     import contextlib
 
+    cfg = recipe.cfg
     if not cfg.tracking.enabled:
         return contextlib.nullcontext(None)
-    source = "ground truth" if data.uses_ground_truth(cfg) else f"pseudo masks (mu {cfg.train.mu})"
-    name = cfg.tracking.run_name or f"train {os.path.basename(ds.uri.rstrip('/'))}/{cfg.dataset.split} segmenter {cfg.model.backbone}"
-    tags = {"wsss.job": "train", "wsss.recipe": "segmenter", "wsss.dataset": ds.uri, "wsss.output": cfg.output,
+    source = recipe.labels()
+    name = cfg.tracking.run_name or (f"train {os.path.basename(ds.uri.rstrip('/'))}/{cfg.dataset.split} {recipe.name} "
+                                     f"{cfg.model.backbone}")
+    tags = {"wsss.job": "train", "wsss.recipe": recipe.name, "wsss.dataset": ds.uri, "wsss.output": cfg.output,
             "wsss.model": f"{cfg.model.backbone} ({cfg.model.pretrained})", "wsss.labels": source,
             "wsss.code_version": code_version()["git_commit"][:12]}
-    return JobRun(cfg.tracking.experiment, name, tags, f"Segmenter on {source} of {ds.uri}; checkpoints in {cfg.output}.",
+    return JobRun(cfg.tracking.experiment, name, tags, f"{recipe.name} on {source} of {ds.uri}; checkpoints in {cfg.output}.",
                   flatten(cfg.model_dump(mode="json", exclude={"dataset": {"storage"}})),
                   resume_run_id=state.get("mlflow_run_id"))

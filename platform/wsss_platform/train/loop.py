@@ -1,11 +1,11 @@
-"""The training loop each Ray Train worker runs (``train_loop_per_worker``).
+"""The training loop each Ray Train worker runs (``train_loop_per_worker``), for every recipe.
 
-Per worker: the segmenter (DDP through ``ray.train.torch.prepare_model``), SGD or AdamW with the
-backbone at ``lr`` and the head at ``head_lr_mult × lr``, a poly schedule after a linear warm-up, AMP on GPU,
-CGL on the streamed shard of crops. Every ``checkpoint_every`` iterations the model, optimiser,
+Per worker: the recipe's module (DDP through ``ray.train.torch.prepare_model``), SGD or AdamW with the
+backbone at ``lr`` and the heads at ``head_lr_mult × lr``, a poly schedule after a linear warm-up, AMP on
+GPU, the recipe's losses on the streamed shard of samples (every term logged). Every ``checkpoint_every`` iterations the model, optimiser,
 scheduler and iteration go to ``ray.train.report`` (rank 0 writes the checkpoint), so a restarted
 worker group resumes at the iteration after it: none lost, none run twice. Every ``eval_every``
-iterations the val split is scored (``evaluate``).
+iterations the val split is scored (``recipe.validation``).
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ from typing import Any
 
 import torch
 
-from wsss_core.losses import cgl_loss
-from wsss_core.models.segmenter import create_segmenter
-from wsss_platform.train import evaluate
 from wsss_platform.train.checkpoint import FILE as CHECKPOINT_FILE
-from wsss_platform.train.checkpoint import segmenter_spec
-from wsss_platform.train.config import TrainConfig
+from wsss_platform.train.config import TrainBase
 from wsss_platform.train.evaluate import unwrap
+from wsss_platform.train.recipes import Recipe, recipe_class
 
 
 def poly_lambda(iterations: int, warmup: int, power: float):
@@ -38,19 +35,19 @@ def poly_lambda(iterations: int, warmup: int, power: float):
     return factor
 
 
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+def _amp_dtype(cfg: TrainBase, device: torch.device) -> torch.dtype | None:
     amp = cfg.train.amp
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def build(cfg: TrainConfig, num_classes: int, weights: Any):
-    """Model (DDP-prepared), optimiser and scheduler."""
+def build(recipe: Recipe, num_classes: int, weights: Any):
+    """The recipe's module (DDP-prepared), optimiser and scheduler."""
     import ray.train.torch
 
-    model = create_segmenter(cfg.model.backbone, num_classes, weights, cfg.model.head, cfg.model.output_stride)
-    t = cfg.train
+    model = recipe.build(num_classes, weights)
+    t = recipe.cfg.train
     groups = model.param_groups(t.lr, t.head_lr_mult, t.weight_decay)
     optimizer = (torch.optim.AdamW(groups, lr=t.lr) if t.optimizer == "adamw"
                  else torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum))
@@ -58,7 +55,7 @@ def build(cfg: TrainConfig, num_classes: int, weights: Any):
     return ray.train.torch.prepare_model(model), optimizer, scheduler
 
 
-def restore(model, optimizer, scheduler) -> int:
+def restore(recipe: Recipe, model, optimizer, scheduler) -> int:
     """The iteration to start at: 0, or the one after the last checkpoint."""
     import ray.train
 
@@ -67,24 +64,24 @@ def restore(model, optimizer, scheduler) -> int:
         return 0
     with ckpt.as_directory() as d:
         state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-    unwrap(model).load_state_dict(state["model"])
+    recipe.network(unwrap(model)).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["iteration"])
 
 
-def report(metrics: dict[str, float], model=None, optimizer=None, scheduler=None, iteration: int = 0,
-           spec: dict[str, Any] | None = None) -> None:
-    """``ray.train.report`` on every worker; with a model, rank 0 attaches a checkpoint (``spec``: what
-    rebuilds the network, see ``checkpoint.segmenter_spec``)."""
+def report(metrics: dict[str, float], recipe: Recipe | None = None, model=None, optimizer=None, scheduler=None,
+           iteration: int = 0, spec: dict[str, Any] | None = None) -> None:
+    """``ray.train.report`` on every worker; with a model, rank 0 attaches a checkpoint: the recipe's
+    network, the optimiser's state, and ``spec`` (what rebuilds the network, ``recipe.spec``)."""
     import ray.train
 
     if model is None or ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "iteration": iteration, "segmenter": spec},
+        torch.save({"model": recipe.network(unwrap(model)).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "iteration": iteration, **(spec or {})},
                    os.path.join(d, CHECKPOINT_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -121,15 +118,12 @@ class StepLog:
             self.pending = []
 
 
-def step(model, optimizer, scheduler, batch: dict[str, torch.Tensor], mu: float, amp: torch.dtype | None,
-         device: torch.device) -> float:
-    """One SGD step of CGL on a batch of crops; returns the loss."""
-    net = unwrap(model)
-    pixels = net.normalize(batch["image"].to(device))
-    mask, conf = batch["mask"].to(device).long(), batch["confidence"].to(device).float() / 255
+def step(recipe: Recipe, model, optimizer, scheduler, batch: dict[str, torch.Tensor], amp: torch.dtype | None,
+         device: torch.device) -> dict[str, float]:
+    """One optimiser step of the recipe's losses on a batch; returns every term (``loss``: the total)."""
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        logits = model(pixels)
-    loss = cgl_loss(logits, mask, conf, mu)
+        terms = recipe.losses(model, batch, scheduler.last_epoch, device)
+    loss = terms["loss"]
     if not torch.isfinite(loss):
         # diverged: every later step would be NaN too (and each restart would diverge again)
         raise FloatingPointError(f"the loss is {float(loss)} at step {scheduler.last_epoch + 1}: training diverged; lower "
@@ -138,7 +132,7 @@ def step(model, optimizer, scheduler, batch: dict[str, torch.Tensor], mu: float,
     loss.backward()
     optimizer.step()
     scheduler.step()
-    return float(loss.detach())
+    return {k: float(v.detach()) for k, v in terms.items()}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -148,19 +142,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from wsss_platform.datasets import DatasetConfig, open_dataset
     from wsss_platform.label.stages import resolve_weights
 
-    cfg = TrainConfig.model_validate(config["cfg"])
+    recipe = recipe_class(config["recipe"])
+    cfg = recipe.config.model_validate(config["cfg"])
+    recipe = recipe(cfg)
     if not config.get("verbose"):  # Train's per-report INFO lines reach the console whatever LoggingConfig says
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     if cfg.compute.torch_threads:
         torch.set_num_threads(cfg.compute.torch_threads)
     torch.manual_seed(cfg.train.seed)  # the same initial head on every worker (DDP broadcasts it too)
     device = ray.train.torch.get_device()
-    model, optimizer, scheduler = build(cfg, config["num_classes"], resolve_weights(cfg.model.pretrained,
-                                                                                    cfg.dataset.storage))
-    it = restore(model, optimizer, scheduler)
+    model, optimizer, scheduler = build(recipe, config["num_classes"], resolve_weights(cfg.model.pretrained,
+                                                                                       cfg.dataset.storage))
+    it = restore(recipe, model, optimizer, scheduler)
     rank0 = ray.train.get_context().get_world_rank() == 0
     log, amp, t = StepLog(config.get("mlflow") if rank0 else None), _amp_dtype(cfg, device), cfg.train
-    spec = segmenter_spec(config["cfg"]["model"], config["class_names"])
+    spec = recipe.spec(unwrap(model), config["class_names"])
     shard = ray.train.get_dataset_shard("train")
     # the val split's index once per worker (a COCO index parses its annotation file)
     val_ds = open_dataset(DatasetConfig.model_validate(config["val_dataset"])) if config["val_ids"] else None
@@ -168,20 +164,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while it < t.iterations:
         before = it
         for batch in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True):
-            loss = step(model, optimizer, scheduler, batch, t.mu, amp, device)
+            metrics = step(recipe, model, optimizer, scheduler, batch, amp, device)
             it, seen = it + 1, seen + t.batch_size
-            metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "iteration": it,
-                       "images_per_s": seen / (time.perf_counter() - t0)}
+            metrics |= {"lr": scheduler.get_last_lr()[0], "iteration": it, "images_per_s": seen / (time.perf_counter() - t0)}
             if it % t.eval_every == 0 or it == t.iterations:
-                metrics |= evaluate.validation(cfg, model, val_ds, config, device, final=it == t.iterations)
+                metrics |= recipe.validation(model, val_ds, config, device, final=it == t.iterations)
             checkpoint = it % t.checkpoint_every == 0 or it == t.iterations
             if checkpoint:
-                report(metrics, model, optimizer, scheduler, it, spec)
+                report(metrics, recipe, model, optimizer, scheduler, it, spec)
             log.add(metrics, it, flush=checkpoint)  # after the checkpoint is saved
             if checkpoint and rank0:
-                val = f" · val mIoU {metrics['val_miou']:.4f}" if "val_miou" in metrics else ""
+                val = f" · {recipe.score} {metrics[recipe.score]:.4f}" if recipe.score in metrics else ""
                 # not print(): Train patches it to log through its logger too, and the line would show twice
-                sys.stdout.write(f"[wsss train] iteration {it}/{t.iterations} · loss {loss:.4f} · "
+                sys.stdout.write(f"[wsss train] iteration {it}/{t.iterations} · loss {metrics['loss']:.4f} · "
                                  f"{metrics['images_per_s']:.1f} img/s{val} · checkpoint\n")
                 sys.stdout.flush()
             if it >= t.iterations:

@@ -1,0 +1,176 @@
+"""``wsss train toco``: ToCo on image-level labels (the recipe; the loop and job are shared).
+
+Data: each training image with its image-level labels, randomly rescaled, cropped (the crop's
+padding marked invalid, the authors' image box) and flipped, in Ray Data actors. Step: the whole
+ToCo objective (``wsss_core.losses.toco``) as one module, so DDP syncs every gradient. Validation:
+the val split labeled by the network itself through the labeling pipeline: the CAM pseudo masks
+(``toco`` source, background below ``train.bkg``) and the segmentation head's masks (``toco_seg``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from wsss_core.augment import random_scale_crop_flip
+from wsss_core.metrics import ConfusionMatrix
+from wsss_platform.datasets import DatasetConfig, open_dataset
+from wsss_platform.storage import StorageOptions
+from wsss_platform.train.config import ToCoConfig, TrainBase
+
+OUTPUTS = {"cam": "toco", "seg": "toco_seg"}
+"""Validation metric prefix -> the CAM source that labels with the network."""
+
+
+class ImageLabelLoader:
+    """Ray Data callable: image ids -> augmented crops, multi-hot labels and the valid-pixel mask."""
+
+    def __init__(self, dataset: dict[str, Any], train: dict[str, Any]) -> None:
+        self.ds = open_dataset(DatasetConfig.model_validate(dataset))
+        self.num_classes = len(self.ds.classes.names)
+        self.train, self.rng = train, np.random.default_rng()
+
+    def sample(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        row = self.ds.load(image_id)
+        labels = np.zeros(self.num_classes, np.float32)
+        labels[[c - 1 for c in row.labels]] = 1
+        blank = np.zeros(row.image.shape[:2], np.uint8)  # the crop pads its mask with 255: that is the padding
+        t = self.train
+        image, pad, _ = random_scale_crop_flip(row.image, blank, blank, t["crop_size"], tuple(t["scale_range"]),
+                                               self.rng, t["flip"])
+        return image, labels, pad == 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, labels, valid = zip(*(self.sample(str(i)) for i in batch["image_id"]), strict=True)
+        return {"image": np.stack(images), "labels": np.stack(labels), "valid": np.stack(valid)}
+
+
+def label_with(net: torch.nn.Module, source: str, classes, bkg: float, scales: tuple[float, ...]):
+    """The labeling pipeline on a network being trained: ``source`` with no refiner."""
+    from wsss_core.pipeline import LabelingPipeline, PseudoMasker
+    from wsss_core.registry import CAM_SOURCES
+
+    return LabelingPipeline(CAM_SOURCES.get(source).from_network(net, classes, scales=scales),
+                            PseudoMasker([], bg_rule="threshold", bg_value=bkg, mu=0.0))
+
+
+class ToCoRecipe:
+    name: ClassVar[str] = "toco"
+    config: ClassVar[type[TrainBase]] = ToCoConfig
+    score: ClassVar[str] = "val_cam_miou"
+    description: ClassVar[str] = "ToCo (token contrast) on image-level labels: CAMs and a segmentation head"
+
+    def __init__(self, cfg: ToCoConfig) -> None:
+        self.cfg = cfg
+
+    def labels(self) -> str:
+        return "image-level labels"
+
+    def absolute_train(self) -> dict[str, Any]:
+        return {}
+
+    def check(self, ids: list[str]) -> None:
+        """Nothing beyond the split itself: image-level labels come with every row."""
+
+    def dataset(self, ids: list[str], payload: dict[str, Any]):
+        import ray
+
+        c = self.cfg.compute
+        items = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
+        return items.map_batches(ImageLabelLoader, batch_size=8, num_cpus=c.loader_cpus,
+                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=c.loader_actors),
+                                 fn_constructor_kwargs={"dataset": payload, "train": self.cfg.train.model_dump(mode="json")})
+
+    def objective(self):
+        from wsss_core.losses.toco import ToCoObjective
+
+        t = self.cfg.train
+        return ToCoObjective(high=t.high, low=t.low, cam_scales=tuple(t.cam_scales), local_crops=t.local_crops,
+                             local_crop_size=t.local_crop_size, temp=t.temp, w_ptc=t.w_ptc, w_ctc=t.w_ctc,
+                             w_seg=t.w_seg, w_reg=t.w_reg, seg_from=t.seg_from, par_dilations=tuple(t.par_dilations),
+                             par_iterations=t.par_iterations)
+
+    def build(self, num_classes: int, weights: Any) -> torch.nn.Module:
+        from wsss_core.losses.toco import ToCoTraining
+        from wsss_core.models.toco import create_toco
+
+        m = self.cfg.model
+        # num_classes counts the background (the segmenter's convention); ToCo's classifiers do not
+        net = create_toco(m.backbone, num_classes - 1, weights, m.aux_layer, m.proj_dim, m.momentum)
+        return ToCoTraining(net, self.objective())
+
+    def network(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.net
+
+    def spec(self, module: torch.nn.Module, class_names: list[str]) -> dict[str, Any]:
+        return {"toco": module.net.spec | {"class_names": list(class_names)}}
+
+    def losses(self, module: torch.nn.Module, batch: dict[str, torch.Tensor], iteration: int,
+               device: torch.device) -> dict[str, torch.Tensor]:
+        from wsss_platform.train.evaluate import unwrap
+
+        pixels = unwrap(module).net.normalize(batch["image"].to(device))
+        terms = module(pixels, batch["labels"].to(device), iteration, batch["valid"].to(device).bool())
+        total = terms.pop("total")
+        return {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}
+
+    @torch.no_grad()
+    def validation(self, module: torch.nn.Module, ds, config: dict[str, Any], device: torch.device,
+                   final: bool) -> dict[str, float]:
+        from wsss_platform.train.evaluate import unwrap
+
+        if ds is None:
+            return {}
+        net, t, names = unwrap(module).net, self.cfg.train, config["class_names"]
+        net.eval()
+        ids = config["val_ids"]
+        mine = ids[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else ids
+        out = {}
+        for prefix, source in OUTPUTS.items():
+            pipeline, cm = label_with(net, source, ds.classes, t.bkg, tuple(t.eval_scales)), ConfusionMatrix(len(names))
+            for image_id in mine:
+                row = ds.load(image_id)
+                cm.update(pipeline([row.image], [row.labels])[0].mask_raw, row.mask)
+            out |= _scores(cm, names, prefix, device)
+        net.train()
+        return out
+
+    def load(self, uri: str, options: StorageOptions | None) -> tuple[torch.nn.Module, list[str]]:
+        from wsss_core.models.toco import toco_from_state
+        from wsss_platform.train.checkpoint import load_state
+
+        return toco_from_state(load_state(uri, options))
+
+    def preview(self, net: torch.nn.Module, ds) -> bytes:
+        """image | CAM (max over the present classes) | CAM pseudo mask | head's mask | ground truth."""
+        from wsss_platform.preview import colour, heatmap, panels
+        from wsss_platform.train.evaluate import unwrap
+
+        net = unwrap(net)
+        t = self.cfg.train
+        cam, seg = (label_with(net, s, ds.classes, t.bkg, tuple(t.eval_scales)) for s in OUTPUTS.values())
+        cells = []
+        for image_id in ds.ids[: self.cfg.tracking.preview_images]:
+            row = ds.load(image_id)
+            c, s = cam([row.image], [row.labels])[0], seg([row.image], [row.labels])[0]
+            heat = heatmap(c.scores.amax(0).numpy()) if len(row.labels) else np.zeros_like(row.image)
+            cells.append((image_id, [("image", row.image, False), ("CAM", heat, False),
+                                     ("CAM mask", colour(c.mask_raw.numpy(), row.image), True),
+                                     ("seg head", colour(s.mask_raw.numpy(), row.image), True),
+                                     ("ground truth", colour(row.mask, row.image), True)]))
+        return panels(cells)
+
+
+def _scores(cm: ConfusionMatrix, names: list[str], prefix: str, device: torch.device) -> dict[str, float]:
+    """``val_<prefix>_miou`` and per-class IoUs of this worker's confusion matrix summed over workers."""
+    import math
+
+    total = torch.as_tensor(cm.matrix, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    cm = ConfusionMatrix.from_list(total.cpu().long().tolist())
+    out = {f"val_{prefix}_miou": cm.miou()}
+    return out | {f"val_{prefix}_iou/{n}": v for n, v in zip(names, cm.iou().tolist(), strict=True) if not math.isnan(v)}

@@ -91,9 +91,22 @@ def _kill_a_worker_after_a_registered_checkpoint(out: str, killed: list[int]) ->
             return
 
 
+def _recipe_config(recipe: str, labelled, extra: list[str]):
+    """A tiny training of either recipe on the labelled demo VOC."""
+    from wsss_platform.train.config import ToCoConfig
+
+    from .test_train_toco import TINY_TOCO
+
+    if recipe == "toco":
+        return build_config(ToCoConfig, {}, [f"dataset.uri={labelled / 'voc'}", *TINY_TOCO, "train.seg_from=6", *extra])
+    return build_config(TrainConfig, {}, [f"dataset.uri={labelled / 'voc'}", f"train.pseudo_masks={labelled / 'labels'}",
+                                          *TINY_TRAIN, *extra])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_killed_worker_resumes_from_the_last_checkpoint(where, labelled, tmp_path, ray_local, monkeypatch,
+@pytest.mark.parametrize(("recipe", "where"), [("segmenter", "local"), ("segmenter", "s3"), ("toco", "local"),
+                                               ("toco", "s3")])
+def test_a_killed_worker_resumes_from_the_last_checkpoint(recipe, where, labelled, tmp_path, ray_local, monkeypatch,
                                                           request):
     """A training worker's process killed for real mid-run: the group restarts from the last checkpoint
     and ends at the planned iteration; the MLflow run shows every step once, the checkpoint folder one run."""
@@ -104,10 +117,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(where, labelled, tmp_p
     from wsss_platform import storage
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    out = str(tmp_path / "seg") if where == "local" else request.getfixturevalue("s3_bucket") + "/seg"
-    cfg = build_config(TrainConfig, {}, [f"dataset.uri={labelled / 'voc'}", f"output={out}",
-                                         f"train.pseudo_masks={labelled / 'labels'}", *TINY_TRAIN, "train.iterations=14",
-                                         "train.checkpoint_every=2", "train.eval_every=100", "compute.max_failures=2"])
+    out = str(tmp_path / "seg") if where == "local" else request.getfixturevalue("s3_bucket") + f"/{recipe}"
+    cfg = _recipe_config(recipe, labelled, [f"output={out}", "train.iterations=14", "train.checkpoint_every=2",
+                                            "train.eval_every=100", "compute.max_failures=2"])
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_after_a_registered_checkpoint, args=(out, killed), daemon=True)
     killer.start()
@@ -117,6 +129,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(where, labelled, tmp_p
     assert summary.iterations == 14
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [m.step for m in client.get_metric_history(summary.run_id, "loss")] == list(range(1, 15))
+    if recipe == "toco":  # every term once too, the head's from seg_from on
+        assert [m.step for m in client.get_metric_history(summary.run_id, "loss/ctc")] == list(range(1, 15))
+        assert [m.step for m in client.get_metric_history(summary.run_id, "loss/seg")] == list(range(7, 15))
     assert client.get_run(summary.run_id).info.status == "FINISHED"
     names = storage.list_names(storage.join(out, "train"))
     assert sum(n.startswith("checkpoint_2") for n in names) == 2  # num_to_keep, all of one run
@@ -125,8 +140,10 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(where, labelled, tmp_p
 
 
 @pytest.mark.slow
-def test_two_nodes_keep_identical_parameters_and_the_loss_falls(tmp_path):
-    """2 Ray nodes on loopback, one gloo worker on each: parameters identical after every step."""
+@pytest.mark.parametrize("recipe", ["segmenter", "toco"])
+def test_two_nodes_keep_identical_parameters_and_the_loss_falls(recipe, tmp_path):
+    """2 Ray nodes on loopback, one gloo worker on each: parameters identical after every step (for ToCo:
+    with PTC, CTC's teacher step, the head's loss and its CRF energy in every step)."""
     import json
     import subprocess
     import sys
@@ -135,8 +152,8 @@ def test_two_nodes_keep_identical_parameters_and_the_loss_falls(tmp_path):
     write_demo_dataset(str(tmp_path / "voc"), "voc", 16, seed=5)
     result = tmp_path / "result.json"
     script = Path(__file__).with_name("two_node_train.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "voc"), str(result)], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "voc"), str(result), recipe],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(result.read_text())
     assert seen["backend"] == "gloo" and len(set(seen["nodes"])) == 2

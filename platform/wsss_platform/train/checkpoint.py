@@ -46,6 +46,11 @@ def load_state(uri: str, options: StorageOptions | None = None) -> dict[str, Any
 def spec_of(state: dict[str, Any], uri: str) -> dict[str, Any]:
     """The checkpoint's segmenter spec (see :func:`segmenter_spec`), or an error naming the file."""
     spec = state.get("segmenter")
+    other = [k for k, v in state.items() if k != "segmenter" and isinstance(v, dict) and "class_names" in v]
+    if spec is None and other:  # another recipe's network (its spec is stored under the recipe's name)
+        raise ValueError(f"{storage.join(uri, FILE)} holds a {other[0]} network, not a segmenter: give a `wsss train "
+                         f"segmenter` checkpoint (a {other[0]} network labels with `wsss label cam_source={other[0]} "
+                         "model.checkpoint=URI`)")
     if spec is None:
         raise ValueError(f"{storage.join(uri, FILE)} has no segmenter spec (written by an older wsss train); "
                          "retrain or continue training with this version")

@@ -38,14 +38,30 @@ def confusion(model: torch.nn.Module, ds, ids: list[str], num_classes: int, devi
     net = unwrap(model)
     net.eval()
     cm = ConfusionMatrix(num_classes)
-    for image_id in ids[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else ids:
+    for image_id in my_slice(ids):
         row = ds.load(image_id)
         cm.update(segment(net, row.image, device, scales, flip).argmax(0).cpu(), row.mask)
     net.train()
+    return all_reduce(cm, device)
+
+
+def my_slice(ids: list[str]) -> list[str]:
+    """This worker's share of ``ids`` (all of them outside distributed training)."""
+    return ids[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else ids
+
+
+def all_reduce(cm: ConfusionMatrix, device: torch.device) -> ConfusionMatrix:
+    """The confusion matrices of every worker summed."""
     total = torch.as_tensor(cm.matrix, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(total)
     return ConfusionMatrix.from_list(total.cpu().long().tolist())
+
+
+def iou_metrics(cm: ConfusionMatrix, names: list[str], prefix: str = "val") -> dict[str, float]:
+    """``<prefix>_miou`` and ``<prefix>_iou/<class>`` (classes never seen nor predicted left out)."""
+    out = {f"{prefix}_miou": cm.miou()}
+    return out | {f"{prefix}_iou/{n}": v for n, v in zip(names, cm.iou().tolist(), strict=True) if not math.isnan(v)}
 
 
 def validation(cfg: TrainConfig, model, ds, config: dict[str, Any], device: torch.device,
@@ -56,10 +72,7 @@ def validation(cfg: TrainConfig, model, ds, config: dict[str, Any], device: torc
         return {}
     scales, flip = (cfg.train.eval_scales, cfg.train.eval_flip) if final else ([1.0], False)
     cm = confusion(model, ds, config["val_ids"], config["num_classes"], device, scales, flip)
-    names = config["class_names"]
-    out = {"val_miou": cm.miou()}
-    out |= {f"val_iou/{n}": v for n, v in zip(names, cm.iou().tolist(), strict=True) if not math.isnan(v)}
-    return out
+    return iou_metrics(cm, config["class_names"])
 
 
 def preview(model: torch.nn.Module, rows: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]]) -> bytes:

@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from wsss_core.augment import random_scale_crop_flip
 from wsss_core.metrics import ConfusionMatrix
@@ -120,21 +119,19 @@ class ToCoRecipe:
     @torch.no_grad()
     def validation(self, module: torch.nn.Module, ds, config: dict[str, Any], device: torch.device,
                    final: bool) -> dict[str, float]:
-        from wsss_platform.train.evaluate import unwrap
+        from wsss_platform.train.evaluate import all_reduce, iou_metrics, my_slice, unwrap
 
         if ds is None:
             return {}
         net, t, names = unwrap(module).net, self.cfg.train, config["class_names"]
         net.eval()
-        ids = config["val_ids"]
-        mine = ids[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else ids
         out = {}
         for prefix, source in OUTPUTS.items():
             pipeline, cm = label_with(net, source, ds.classes, t.bkg, tuple(t.eval_scales)), ConfusionMatrix(len(names))
-            for image_id in mine:
+            for image_id in my_slice(config["val_ids"]):
                 row = ds.load(image_id)
                 cm.update(pipeline([row.image], [row.labels])[0].mask_raw, row.mask)
-            out |= _scores(cm, names, prefix, device)
+            out |= iou_metrics(all_reduce(cm, device), names, f"val_{prefix}")
         net.train()
         return out
 
@@ -163,14 +160,3 @@ class ToCoRecipe:
                                      ("ground truth", colour(row.mask, row.image), True)]))
         return panels(cells)
 
-
-def _scores(cm: ConfusionMatrix, names: list[str], prefix: str, device: torch.device) -> dict[str, float]:
-    """``val_<prefix>_miou`` and per-class IoUs of this worker's confusion matrix summed over workers."""
-    import math
-
-    total = torch.as_tensor(cm.matrix, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    cm = ConfusionMatrix.from_list(total.cpu().long().tolist())
-    out = {f"val_{prefix}_miou": cm.miou()}
-    return out | {f"val_{prefix}_iou/{n}": v for n, v in zip(names, cm.iou().tolist(), strict=True) if not math.isnan(v)}

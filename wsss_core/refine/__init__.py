@@ -1,5 +1,7 @@
-"""Refinements of CAMs, each a registered refiner: CAA (CLIP-ES), the dense CRF and PAR (ToCo)."""
+"""Refinements of CAMs, each a registered refiner: CAA (CLIP-ES), the dense CRF and PAR (ToCo); PSA's
+random walk along a learned affinity and the affinity labels it learns from."""
 
+from wsss_core.refine.affinity_labels import affinity_labels, confident_regions
 from wsss_core.refine.caa import (
     CAA,
     affinity,
@@ -11,8 +13,16 @@ from wsss_core.refine.caa import (
 )
 from wsss_core.refine.crf import CRFUnavailableError, DenseCRF, dense_crf
 from wsss_core.refine.par import PAR, par, par_affinity
+from wsss_core.refine.random_walk import (
+    dense_affinity,
+    pair_affinity,
+    radius_offsets,
+    random_walk,
+    random_walk_banded,
+)
 
 __all__ = [
-    "CAA", "PAR", "CRFUnavailableError", "DenseCRF", "affinity", "box_mask", "box_masks", "caa",
-    "connected_components", "dense_crf", "par", "par_affinity", "sinkhorn",
+    "CAA", "PAR", "CRFUnavailableError", "DenseCRF", "affinity", "affinity_labels", "box_mask", "box_masks", "caa",
+    "confident_regions", "connected_components", "dense_affinity", "dense_crf", "pair_affinity", "par",
+    "par_affinity", "radius_offsets", "random_walk", "random_walk_banded", "sinkhorn",
 ]

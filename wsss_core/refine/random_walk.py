@@ -1,0 +1,119 @@
+"""PSA's random walk (Ahn & Kwak, CVPR 2018): CAMs spread along a learned pixel affinity.
+
+A pixel's affinity to its neighbours within a radius (``W_ij = exp(−mean_c |f_i − f_j|)`` from
+AffinityNet's features, 1 to itself, 0 beyond the radius) becomes a transition matrix
+``T = A^∘β`` with each **column** summed to 1; the CAMs (background channel included, when the caller
+includes it) walk ``t`` steps: ``vec(M) · T^t``. β sharpens the affinity (reference 8), t sets how
+far scores travel (reference 256: PSA squares T eight times).
+
+Two forms with the same result: dense (``[N, N]``, N = h·w; ``T^t`` by repeated squaring, any t by
+binary exponentiation, fast on a GPU for VOC's 56² grids) and banded (each pixel's affinities to its
+P neighbours ``[P, h, w]``, memory O(N·P) instead of O(N²), t sparse steps).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def radius_offsets(radius: int) -> list[tuple[int, int]]:
+    """The (dy, dx) ≠ (0, 0) with dy² + dx² < radius², both directions (PSA: radius 5 → 68 of them).
+
+    Sorted, so an offset's mirror ``(−dy, −dx)`` sits at the mirrored index: ``P − 1 − i``."""
+    r = radius - 1
+    return [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
+            if (dy or dx) and dy * dy + dx * dx < radius * radius]
+
+
+def shifted(x: torch.Tensor, offsets: list[tuple[int, int]], fill: float = 0.0) -> torch.Tensor:
+    """``[..., h, w] -> [..., P, h, w]``: at (y, x) the value at (y + dy, x + dx), ``fill`` off the grid."""
+    h, w = x.shape[-2:]
+    r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    p = F.pad(x, [r] * 4, value=fill)
+    return torch.stack([p[..., r + dy: r + dy + h, r + dx: r + dx + w] for dy, dx in offsets], dim=-3)
+
+
+def pair_affinity(features: torch.Tensor, radius: int = 5) -> torch.Tensor:
+    """AffinityNet's ``W_ij = exp(−mean_c |f_i − f_j|)`` between each pixel and its neighbours.
+
+    Args:
+        features: [B, D, h, w].
+
+    Returns:
+        [B, P, h, w] over :func:`radius_offsets`; 0 where the neighbour is off the grid.
+    """
+    offsets = radius_offsets(radius)
+    inside = shifted(torch.ones_like(features[:, :1]), offsets)[:, 0]  # [B, P, h, w]
+    diff = (shifted(features, offsets) - features.unsqueeze(2)).abs().mean(1)  # [B, P, h, w]
+    return torch.exp(-diff) * inside
+
+
+def dense_affinity(pairs: torch.Tensor, radius: int = 5) -> torch.Tensor:
+    """The banded affinity as the dense matrix PSA builds: ``[B, P, h, w] -> [B, N, N]``, ones on the
+    diagonal, ``A[i, j]`` the affinity of pixels i and j (row-major) within the radius, 0 beyond."""
+    b, _, h, w = pairs.shape
+    offsets = radius_offsets(radius)
+    n = h * w
+    ys, xs = torch.meshgrid(torch.arange(h, device=pairs.device), torch.arange(w, device=pairs.device), indexing="ij")
+    dense = torch.zeros(b, n * n, dtype=pairs.dtype, device=pairs.device)
+    for k, (dy, dx) in enumerate(offsets):
+        ok = (ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
+        i = (ys * w + xs)[ok]
+        j = ((ys + dy) * w + xs + dx)[ok]
+        dense[:, i * n + j] = pairs[:, k][:, ok]
+    dense = dense.view(b, n, n)
+    return dense + torch.eye(n, dtype=pairs.dtype, device=pairs.device)
+
+
+def transition(affinity: torch.Tensor, beta: float) -> torch.Tensor:
+    """``T = A^∘β``, each column divided by its sum: ``[..., N, N] -> [..., N, N]``."""
+    a = affinity.pow(beta)
+    return a / a.sum(-2, keepdim=True)
+
+
+def random_walk(cams: torch.Tensor, affinity: torch.Tensor, beta: float = 8.0, t: int = 256) -> torch.Tensor:
+    """``vec(M) · T^t`` with the dense affinity.
+
+    Args:
+        cams: [K, h, w] or [B, K, h, w] (a background channel included when the caller includes it).
+        affinity: [N, N] or [B, N, N], non-negative, N = h·w (row-major pixels).
+        beta: the affinity's power (reference 8); t: steps (reference 256), any t ≥ 0.
+
+    Returns:
+        cams' shape.
+    """
+    if t < 0:
+        raise ValueError(f"t must be ≥ 0, not {t}")
+    m = cams.flatten(-2)  # [..., K, N]
+    step = transition(affinity.to(m.dtype), beta)
+    while t:  # binary exponentiation: T^t from T, T², T⁴, … (PSA's t = 2^logt is squarings then one product)
+        if t & 1:
+            m = m @ step
+        t >>= 1
+        if t:
+            step = step @ step
+    return m.view(cams.shape)
+
+
+def random_walk_banded(cams: torch.Tensor, pairs: torch.Tensor, beta: float = 8.0, t: int = 256,
+                       radius: int = 5) -> torch.Tensor:
+    """:func:`random_walk` with the banded affinity: t steps of ``m_j ← Σ_i m_i T_ij``, O(K·N·P) each.
+
+    Args:
+        cams: [B, K, h, w].
+        pairs: [B, P, h, w] from :func:`pair_affinity` (the pixel's affinity to itself is 1).
+
+    Returns:
+        [B, K, h, w].
+    """
+    if t < 0:
+        raise ValueError(f"t must be ≥ 0, not {t}")
+    offsets = radius_offsets(radius)
+    a = pairs.to(cams.dtype).pow(beta)  # [B, P, h, w]: A_ij^β for j the pixel, i = j + offset
+    colsum = 1 + a.sum(1, keepdim=True)  # [B, 1, h, w]
+    weights = (a / colsum).unsqueeze(1)  # [B, 1, P, h, w]
+    m = cams
+    for _ in range(t):
+        m = m / colsum + (shifted(m, offsets) * weights).sum(2)
+    return m

@@ -153,3 +153,46 @@ def test_affinitynet_features_and_affinity(backbone):
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)  # DDP: every parameter in the loss
     again = affinitynet_from_state({"affinitynet": net.spec, "model": net.state_dict()})
     torch.testing.assert_close(again(pixels), net.eval()(pixels))
+
+
+def test_random_walk_refiner_on_probabilities():
+    import torch.nn.functional as F
+
+    from wsss_core.models.affinitynet import create_affinitynet
+    from wsss_core.pipeline import PseudoMasker
+    from wsss_core.registry import create_refiner
+    from wsss_core.types import CamOutput
+
+    torch.manual_seed(6)
+    net = create_affinitynet("open_clip:tiny", pretrained="none", dims=(4, 4, 8))
+    state = {"affinitynet": net.spec, "model": net.state_dict()}
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(2)]
+    probs = [torch.rand(3, 40, 56), torch.rand(2, 40, 56)]
+    walk = create_refiner("random_walk", checkpoint=state, beta=4, t=3, radius=3)
+    got = walk(probs, [{}, {}], images)
+    for image, p, out in zip(images, probs, got, strict=True):
+        x = torch.from_numpy(image)[None]
+        pairs = net.eval().affinity(net.normalize(x), 3)[0].detach()
+        scores = torch.cat([(1 - p[1:].amax(0, keepdim=True)) ** 16, p[1:]])  # PSA's background, alpha 16
+        m = F.adaptive_avg_pool2d(scores[None], pairs.shape[-2:])[0]
+        walked = reference_walk(m.double().numpy(), dense_affinity(pairs[None].double(), 3)[0].numpy(), 4, 3)
+        want = F.interpolate(torch.from_numpy(walked)[None].float(), size=(40, 56), mode="bilinear",
+                             align_corners=False)[0]
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    # the dense form, and a cached affinity in aux (no network pass), give the same
+    dense = create_refiner("random_walk", checkpoint=state, beta=4, t=3, radius=3, form="dense")
+    for a, b in zip(dense(probs, [{}, {}], images), got, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    cached = [{"affinity": a} for a in walk.affinity(images[:1])] + [{"affinity": walk.affinity(images[1:])[0]}]
+    walk.net = None  # no network left to run
+    for a, b in zip(walk(probs, cached), got, strict=True):
+        torch.testing.assert_close(a, b)
+    # in the pipeline after the background rule, with alpha=None walking that background
+    plain = create_refiner("random_walk", checkpoint=state, t=2, radius=3, alpha=None)
+    masker = PseudoMasker([plain], bg_rule="threshold", bg_value=0.4)
+    out = CamOutput([2, 5], torch.rand(2, 3, 4), torch.tensor([0.6, 0.4]))
+    res = masker([out], [(40, 56)], images[:1])[0]
+    assert res.mask.shape == (40, 56) and set(res.mask.unique().tolist()) <= {0, 2, 5}
+    with pytest.raises(ValueError, match="t must be ≥ 0 and beta > 0"):
+        create_refiner("random_walk", checkpoint=state, t=-1)

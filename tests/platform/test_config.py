@@ -67,6 +67,10 @@ def test_example_configs_load(name, monkeypatch):
         from wsss_platform.train.config import TrainConfig
 
         assert load_config(TrainConfig, path).model.backbone
+    elif "toco" in name:
+        from wsss_platform.train.config import ToCoConfig
+
+        assert load_config(ToCoConfig, path).model.backbone
     else:
         assert load_config(LabelConfig, path).model.name
 
@@ -78,12 +82,17 @@ def test_label_sections_default_to_the_core_defaults():
     from wsss_core.pipeline import PseudoMasker
     from wsss_core.registry import REFINERS
     from wsss_platform.label.config import LabelConfig
+    from wsss_platform.label.stages import REFINER_INPUTS
 
     cfg = LabelConfig()
     pairs = [(cfg.mask, PseudoMasker)] + [(getattr(cfg, name), REFINERS.get(name)) for name in REFINERS.names()]
     for section, factory in pairs:
-        params = {k: p.default for k, p in inspect.signature(factory).parameters.items() if k not in ("refiners",)}
-        assert section.model_dump() == params, factory
+        params = {k: p.default for k, p in inspect.signature(factory).parameters.items()
+                  if k not in ("refiners", *REFINER_INPUTS)}
+        # what the platform supplies: the device beside the section; a checkpoint as a URI in it
+        assert {k: v for k, v in section.model_dump().items() if k not in REFINER_INPUTS} == params, factory
+        supplied = set(inspect.signature(factory).parameters) & set(REFINER_INPUTS)
+        assert set(section.model_dump()) & set(REFINER_INPUTS) == supplied - {"device"}, factory
 
 
 @pytest.mark.parametrize(("override", "needle"), [
@@ -93,7 +102,7 @@ def test_label_sections_default_to_the_core_defaults():
     ("refine=caa", "refine: a list of refiner names now, e.g. refine: [caa, crf] or [caa]"),
     ("refine=[crf, caa]", "cam_source=clip_es with refine=['crf', 'caa']: refiner 'caa' works on CAMs and must come before 'crf'"),
     ("cam_source=psa", "cam_source: unknown CAM source 'psa'; known: clip_es, gradcam, toco, toco_seg"),
-    ("refine=[caa, pamr]", "refine: unknown refiner(s) ['pamr']; known: caa, crf, par"),
+    ("refine=[caa, pamr]", "refine: unknown refiner(s) ['pamr']; known: caa, crf, par, random_walk"),
 ])
 def test_old_and_impossible_label_configs_fail_naming_the_key(override, needle):
     from wsss_platform.label.config import LabelConfig

@@ -14,6 +14,7 @@ from wsss_core.refine.caa import (
 from wsss_core.refine.crf import CRFUnavailableError, DenseCRF, dense_crf
 from wsss_core.refine.par import PAR, par, par_affinity
 from wsss_core.refine.random_walk import (
+    RandomWalk,
     dense_affinity,
     pair_affinity,
     radius_offsets,
@@ -22,7 +23,25 @@ from wsss_core.refine.random_walk import (
 )
 
 __all__ = [
-    "CAA", "PAR", "CRFUnavailableError", "DenseCRF", "affinity", "affinity_labels", "box_mask", "box_masks", "caa",
-    "confident_regions", "connected_components", "dense_affinity", "dense_crf", "pair_affinity", "par",
-    "par_affinity", "radius_offsets", "random_walk", "random_walk_banded", "sinkhorn",
+    "CAA",
+    "PAR",
+    "CRFUnavailableError",
+    "DenseCRF",
+    "RandomWalk",
+    "affinity",
+    "affinity_labels",
+    "box_mask",
+    "box_masks",
+    "caa",
+    "confident_regions",
+    "connected_components",
+    "dense_affinity",
+    "dense_crf",
+    "pair_affinity",
+    "par",
+    "par_affinity",
+    "radius_offsets",
+    "random_walk",
+    "random_walk_banded",
+    "sinkhorn",
 ]

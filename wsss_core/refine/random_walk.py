@@ -9,12 +9,22 @@ far scores travel (reference 256: PSA squares T eight times).
 Two forms with the same result: dense (``[N, N]``, N = h·w; ``T^t`` by repeated squaring, any t by
 binary exponentiation, fast on a GPU for VOC's 56² grids) and banded (each pixel's affinities to its
 P neighbours ``[P, h, w]``, memory O(N·P) instead of O(N²), t sparse steps).
+
+As a refiner (``random_walk``) it works on the probabilities [1 + K, H, W] of any CAM source, after
+any CAM refiner (e.g. CAA then the walk): average-pooled to AffinityNet's grid, walked, upsampled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from wsss_core.registry import REFINERS
 
 
 def radius_offsets(radius: int) -> list[tuple[int, int]]:
@@ -117,3 +127,75 @@ def random_walk_banded(cams: torch.Tensor, pairs: torch.Tensor, beta: float = 8.
     for _ in range(t):
         m = m / colsum + (shifted(m, offsets) * weights).sum(2)
     return m
+
+
+@REFINERS.register("random_walk")
+@dataclass
+class RandomWalk:
+    """PSA's random walk along a trained AffinityNet, as a refiner of probabilities [1 + K, H, W].
+
+    Args:
+        checkpoint: an AffinityNet checkpoint's contents (``affinitynet`` spec + ``model`` weights).
+        beta: the affinity's power (reference 8); t: steps (reference 256).
+        alpha: the walked background is ``(1 − max_k p_k)^alpha`` (PSA's, reference 16); ``None``
+            walks the background the scores come with (the mask's background rule).
+        radius: pairs within it on the feature grid (reference 5; as AffinityNet was trained).
+        form: ``banded`` (O(N·P) memory, any device) or ``dense`` (``[N, N]``, fewer steps: a GPU).
+        device: where the network and the walk run.
+
+    ``affinity(images)`` is the expensive, setting-independent part (one network pass per image);
+    a caller that has it (a sweep's cache) passes it as aux ``affinity`` and no network runs.
+    """
+
+    checkpoint: Mapping[str, Any] = field(repr=False)
+    beta: float = 8.0
+    t: int = 256
+    alpha: float | None = 16.0
+    radius: int = 5
+    form: Literal["banded", "dense"] = "banded"
+    device: str = "cpu"
+
+    space: ClassVar[str] = "probs"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    needs_image: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        from wsss_core.models.affinitynet import (
+            affinitynet_from_state,  # models import the refiners
+        )
+
+        if self.t < 0 or self.beta <= 0:
+            raise ValueError(f"random_walk: t must be ≥ 0 and beta > 0 (got t={self.t}, beta={self.beta})")
+        self.net = affinitynet_from_state(self.checkpoint).to(self.device)
+
+    @property
+    def aux_keys(self) -> frozenset[str]:
+        return frozenset()
+
+    @torch.no_grad()
+    def affinity(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """uint8 [H, W, 3] images of one size -> each one's pair affinity [P, h, w] on the feature grid."""
+        x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).to(self.device)
+        return list(self.net.affinity(self.net.normalize(x), self.radius))
+
+    def walk(self, probs: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """[1 + K, H, W] scores, [P, h, w] affinity -> walked scores [1 + K, H, W]."""
+        size, grid = probs.shape[-2:], pairs.shape[-2:]
+        scores = probs.float().to(pairs.device)
+        if self.alpha is not None:
+            scores = torch.cat([(1 - scores[1:].amax(0, keepdim=True)).clamp_min(0).pow(self.alpha), scores[1:]])
+        m = F.adaptive_avg_pool2d(scores[None], grid)  # PSA: the CAM averaged over each feature cell
+        if self.form == "dense":
+            m = random_walk(m, dense_affinity(pairs[None].float(), self.radius), self.beta, self.t)
+        else:
+            m = random_walk_banded(m, pairs[None].float(), self.beta, self.t, self.radius)
+        return F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0].to(probs.device)
+
+    def __call__(self, maps: list[torch.Tensor], aux: Sequence[Mapping[str, torch.Tensor]],
+                 images: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]:
+        pairs = [a.get("affinity") for a in aux]
+        if any(p is None for p in pairs):
+            if images is None:
+                raise ValueError("random_walk needs the images (or their cached affinity)")
+            pairs = self.affinity(images)
+        return [self.walk(m, p.to(self.device)) for m, p in zip(maps, pairs, strict=True)]

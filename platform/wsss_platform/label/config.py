@@ -86,6 +86,21 @@ class PARConfig(Section):
     w2: float = Field(0.01, ge=0)
 
 
+class RandomWalkConfig(Section):
+    """Settings of the ``random_walk`` refiner (``wsss_core.refine.random_walk.RandomWalk``; PSA's
+    reference values); ``checkpoint`` is the trained AffinityNet."""
+
+    checkpoint: str = ""
+    """The output of ``wsss train affinity`` (its latest checkpoint) or one checkpoint folder, local or s3://."""
+    beta: float = Field(8.0, gt=0)
+    t: int = Field(256, ge=0)
+    alpha: float | None = Field(16.0, gt=0)
+    """The walked background ``(1 − max CAM)^alpha``; null walks the mask rule's background."""
+    radius: int = Field(5, ge=2, le=16)
+    form: Literal["banded", "dense"] = "banded"
+    """banded: O(N·r²) memory, any device; dense: [N, N] matrices, fewer steps (a GPU)."""
+
+
 class ComputeConfig(Section):
     batch_size: int = Field(16, ge=1, le=1024)
     """Images per actor call (and per forward pass within a size group)."""
@@ -154,6 +169,7 @@ class LabelConfig(Section):
     caa: CAAConfig = CAAConfig()
     crf: CRFConfig = CRFConfig()
     par: PARConfig = PARConfig()
+    random_walk: RandomWalkConfig = RandomWalkConfig()
     mask: MaskConfig = MaskConfig()
     cache: Literal["none", "cams", "full"] = "cams"
     """What ``cams/<id>.npz`` keeps: nothing; the CAMs (float16) and class scores; or also what the

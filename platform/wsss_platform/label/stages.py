@@ -4,7 +4,8 @@ The platform names no method. A CAM source's factory (a class in ``wsss_core``'s
 called with the keyword arguments its signature asks for, each supplied by an entry of ``INPUTS``
 (``clip``: the loaded CLIP model, ``prompts``, ``precision``, ``batch_size``, ``checkpoint``: a
 trained network's checkpoint contents, ``classes``, ``device``); a refiner's
-factory gets the config section of its own name (``caa`` -> ``cfg.caa``); the mask section goes
+factory gets the config section of its own name (``caa`` -> ``cfg.caa``; a ``checkpoint`` URI there
+loaded, the ``device`` added: ``REFINER_INPUTS``); the mask section goes
 to the ``PseudoMasker``. What shapes a source's CAMs (for cache keys) is the settings of the
 inputs it takes.
 """
@@ -26,7 +27,7 @@ from wsss_core.models.clip import ClipViT, create_clip
 from wsss_core.models.weights import looks_like_path
 from wsss_core.pipeline import LabelingPipeline, PseudoMasker
 from wsss_core.prompts import build_prompts
-from wsss_core.registry import CAM_SOURCES, create_cam_source, create_refiner
+from wsss_core.registry import CAM_SOURCES, REFINERS, create_cam_source, create_refiner
 from wsss_platform import storage
 from wsss_platform.config import ConfigError
 from wsss_platform.label.config import LabelConfig
@@ -151,19 +152,43 @@ def build_cam_source(cfg: LabelConfig, classes: ClassSet, device: torch.device) 
     return create_cam_source(cfg.cam_source, **kwargs)
 
 
-def refiner_kwargs(cfg: LabelConfig, name: str) -> dict[str, Any]:
+def refiner_checkpoint(cfg: LabelConfig, name: str) -> dict[str, Any]:
+    """``<name>.checkpoint`` (a training output or one checkpoint folder) loaded, or a clear error."""
+    from wsss_platform.train.checkpoint import resolve
+
+    uri = getattr(cfg, name).checkpoint
+    if not uri:
+        raise ConfigError(f"refine: {name} runs a trained network: give {name}.checkpoint=URI, the output of "
+                          f"`wsss train` (its latest checkpoint) or one of its checkpoint folders")
+    try:
+        return _checkpoint(resolve(storage.absolute(uri), cfg.dataset.storage), cfg.dataset.storage.model_dump_json())
+    except ValueError as e:
+        raise ConfigError(f"{name}.checkpoint: {e}".replace("--checkpoint", f"{name}.checkpoint")) from None
+
+
+REFINER_INPUTS: dict[str, Callable[[LabelConfig, str, torch.device], Any]] = {
+    "checkpoint": lambda c, name, _: refiner_checkpoint(c, name),
+    "device": lambda c, _, d: str(d),
+}
+"""Refiner-factory arguments the platform supplies in place of the section's value (a checkpoint
+URI becomes the checkpoint's contents) or beside it (the device)."""
+
+
+def refiner_kwargs(cfg: LabelConfig, name: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     section = getattr(cfg, name, None)
-    return section.model_dump() if isinstance(section, BaseModel) else {}
+    kwargs = section.model_dump() if isinstance(section, BaseModel) else {}
+    params = inspect.signature(REFINERS.get(name)).parameters
+    return kwargs | {p: supply(cfg, name, device) for p, supply in REFINER_INPUTS.items() if p in params}
 
 
-def build_masker(cfg: LabelConfig) -> PseudoMasker:
+def build_masker(cfg: LabelConfig, device: torch.device = torch.device("cpu")) -> PseudoMasker:
     """The refiners named by ``cfg.refine`` (each with its section) and the mask settings."""
-    refiners = [create_refiner(name, **refiner_kwargs(cfg, name)) for name in cfg.refine]
+    refiners = [create_refiner(name, **refiner_kwargs(cfg, name, device)) for name in cfg.refine]
     return PseudoMasker(refiners, **cfg.mask.model_dump())
 
 
 def build_pipeline(cfg: LabelConfig, classes: ClassSet, device: torch.device) -> LabelingPipeline:
-    return LabelingPipeline(build_cam_source(cfg, classes, device), build_masker(cfg))
+    return LabelingPipeline(build_cam_source(cfg, classes, device), build_masker(cfg, device))
 
 
 def check_stages(cfg: LabelConfig, classes: ClassSet | None = None) -> None:
@@ -181,5 +206,5 @@ def check_stages(cfg: LabelConfig, classes: ClassSet | None = None) -> None:
             raise ConfigError(f"cam_source={cfg.cam_source} with model.checkpoint={cfg.model.checkpoint}: {e}") from None
     try:
         build_masker(cfg)
-    except ImportError as e:
+    except (ImportError, ValueError) as e:  # a missing package; a checkpoint that is not the refiner's network
         raise ConfigError(f"refine={cfg.refine}: {e}") from None

@@ -83,7 +83,7 @@ class Scorer:
         self.keep, self.kept = keep, []  # preview rows of the first `keep` images
         self.names = ["background", *subset.class_names]
         self.cm_raw, self.cm, self.cm_conf = (ConfusionMatrix(len(self.names)) for _ in range(3))
-        self.masker = build_masker(cfg)
+        self.masker = build_masker(cfg, device)
         self.done = self.ignored = self.pixels = 0
         self.scored = False
 

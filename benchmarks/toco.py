@@ -1,6 +1,6 @@
 """ToCo's token contrast on the synthshapes yardstick (≤ 45 min on 2 CPU cores).
 
-    python benchmarks/toco.py [--workdir bench-toco] [--iterations 400] [--train-images 1000]
+    python benchmarks/toco.py [--workdir bench-toco] [--iterations 260] [--train-images 1000]
 
 ``wsss train toco`` on the trainval train split's image-level labels only, from the tiny CLIP's
 visual tower (``jobs/configs/synthshapes-toco.yaml``: one schedule for all), three times:
@@ -53,7 +53,7 @@ def train(workdir: str, i: int, overrides: list[str], args: argparse.Namespace) 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="bench-toco")
-    p.add_argument("--iterations", type=int, default=400, help=f"per training (the rest of the schedule: {CONFIG})")
+    p.add_argument("--iterations", type=int, default=260, help=f"per training (the rest of the schedule: {CONFIG})")
     p.add_argument("--train-images", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -80,7 +80,8 @@ def main() -> int:
           f"{args.threads} torch threads, torch {torch.__version__}; ToCo: tiny CLIP visual tower, {args.iterations} "
           f"iterations × batch {t.batch_size} of {t.crop_size}² crops at scale {t.scale_range}, {t.optimizer} lr {t.lr} "
           f"(heads ×{t.head_lr_mult:g}), training CAMs at {t.cam_scales}, {t.local_crops} CTC crops of "
-          f"{t.local_crop_size}², seg head from iteration {t.seg_from}; val CAM at {t.eval_scales} + flip, "
+          f"{t.local_crop_size}², second global view at scale {t.global_view_scale}, colour jitter "
+          f"{'on' if t.color_jitter else 'off'}, seg head from iteration {t.seg_from}; val CAM at {t.eval_scales} + flip, "
           f"background < {t.bkg}\n")
     print("| what | val mIoU, CAM pseudo masks | val mIoU, segmentation head | seconds |\n|---|---|---|---|")
     for name, cam, seg, secs in rows:

@@ -95,3 +95,27 @@ def test_augmentation_moves_image_mask_and_confidence_together():
         assert np.array_equal(c[real], m[real] + 1)  # both nearest: the same pixels
     im, m, c = random_scale_crop_flip(image, mask, conf, 32, (1.0, 1.0), rng)  # no rescale: the image too
     assert np.array_equal(im[..., 0][m != 255], m[m != 255])
+
+
+def test_random_resized_crop_and_colour_jitter():
+    import numpy as np
+    from PIL import Image
+
+    from wsss_core.augment import color_jitter, random_resized_crop
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    # a box of the whole area on a square image: every aspect but 1 is out of bounds, so the fallback (all of it)
+    whole = np.asarray(Image.fromarray(image).resize((16, 16), Image.BICUBIC))
+    assert np.array_equal(random_resized_crop(image, 16, (1.0, 1.0), rng, ratio=(2.0, 3.0)), whole)
+    # a box of at most a quarter of the area of a 40×80 image with a 4 px black frame: some miss the frame, some not
+    framed = np.zeros((40, 80, 3), np.uint8)
+    framed[4:36, 4:76] = 200
+    views = [random_resized_crop(framed, 24, (0.05, 0.25), rng) for _ in range(20)]
+    assert all(v.shape == (24, 24, 3) and v.dtype == np.uint8 for v in views)
+    assert any((v == 200).all() for v in views) and any((v == 0).any() for v in views)
+    assert np.array_equal(color_jitter(image, rng, p=0.0, grayscale=0.0), image)  # geometry and pixels kept
+    grey = color_jitter(image, rng, p=0.0, grayscale=1.0)
+    assert grey.shape == image.shape and (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    jittered = [color_jitter(image, rng, p=1.0, grayscale=0.0) for _ in range(4)]
+    assert all(j.shape == image.shape and not np.array_equal(j, image) for j in jittered)

@@ -153,3 +153,27 @@ def test_toco_objective_terms_weights_and_gradients():
     terms["total"].backward()
     assert all(p.grad is not None and not p.grad.any() for p in net.proj.parameters())
     assert all(torch.equal(a, b) for a, b in zip(teacher, net.proj_teacher.parameters(), strict=True))
+
+
+def test_ctc_takes_the_second_global_view_and_cuts_local_crops_from_the_image_it_is_given():
+    import copy
+
+    from wsss_core.losses import ToCoObjective
+
+    torch.manual_seed(4)
+    net = create_toco("open_clip:tiny", num_classes=3, pretrained="none", proj_dim=16)
+    pixels, labels = torch.randn(2, 3, 64, 64), torch.tensor([[1, 0, 1], [0, 1, 0]])
+    objective = ToCoObjective(cam_scales=(1.0,), local_crops=2, local_crop_size=32, seg_from=10)
+
+    def ctc(**kw):  # each call moves the EMA teacher: every call starts from the same network
+        return objective(copy.deepcopy(net), pixels, labels, 0, generator=torch.Generator().manual_seed(0), **kw)["ctc"]
+
+    default = ctc()
+    assert torch.equal(ctc(view=pixels.flip(-1), local=pixels), default)  # the defaults: the mirror, the image
+    assert not torch.allclose(ctc(view=torch.randn(2, 3, 48, 48)), default)  # another view, of another size
+    assert not torch.allclose(ctc(local=pixels + torch.randn_like(pixels)), default)
+    # the backbone sees the second view once, then 2 × 2 local crops cut from the local image
+    seen, original = [], net.class_tokens
+    net.class_tokens = lambda x: seen.append(x) or original(x)
+    objective(net, pixels, labels, 0, local=torch.full_like(pixels, 0.5), view=torch.randn(2, 3, 40, 40))
+    assert [x.shape for x in seen] == [(2, 3, 40, 40), (4, 3, 32, 32)] and (seen[1] == 0.5).all()

@@ -61,7 +61,10 @@ def check_outputs(cfg: LabelConfig, summary) -> None:
             assert not aux
             continue
         n = cache["cams"].shape[1] * cache["cams"].shape[2]
-        assert aux[f"attn/{cfg.caa.attn_layers}"].shape == (n, n)
+        if "caa" in cfg.refine:  # full: what the refiners read, and nothing they do not
+            assert set(aux) == {f"attn/{cfg.caa.attn_layers}"} and aux[f"attn/{cfg.caa.attn_layers}"].shape == (n, n)
+        else:
+            assert not aux
         # The reported scores equal an independent re-scoring from the cached CAMs.
         out = CamOutput(row.labels, torch.from_numpy(cache["cams"].astype(np.float32)), torch.from_numpy(cache["class_scores"]),
                         {k: torch.from_numpy(v.astype(np.float32)) for k, v in aux.items()})

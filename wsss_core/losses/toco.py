@@ -95,8 +95,8 @@ class ToCoObjective:
         return both[:, :c], both[:, c:]
 
     def __call__(self, net, pixels: torch.Tensor, labels: torch.Tensor, iteration: int,
-                 views: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 view: torch.Tensor | None = None, local: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """All loss terms of one batch.
 
         Args:
@@ -104,8 +104,11 @@ class ToCoObjective:
             pixels: normalised [B, 3, H, W] (H, W > ``local_crop_size``).
             labels: [B, C] multi-hot image-level labels.
             iteration: the training iteration (the segmentation term counts from ``seg_from``).
-            views: CTC's two global views [B, 2, 3, h, w] (two augmentations); default: the
-                image and its mirror.
+            view: CTC's second global view [B, 3, h, w], normalised (the authors: a random resized
+                crop of the whole image, colour-jittered); the first is ``pixels`` itself. Default:
+                the mirror of ``pixels``.
+            local: what CTC's local crops are cut from [B, 3, H, W]: ``pixels``' geometry (the ROI
+                comes from its CAM) under another colour jitter. Default: ``pixels``.
             generator: for the local crops' positions.
             valid: bool [B, H, W], False on the crop's padding (the authors' image box): its tokens
                 and pixels get no token or segmentation label, and no CRF energy.
@@ -129,7 +132,8 @@ class ToCoObjective:
         terms["ptc"] = ptc_loss(tokens.flatten(2).transpose(1, 2), token_labels)
         total = terms["cls"] + terms["aux"] + self.w_ptc * terms["ptc"]
         if self.w_ctc > 0:
-            terms["ctc"] = self._ctc(net, pixels, labels, cam_aux, out["cls_token"], views, generator)
+            terms["ctc"] = self._ctc(net, pixels if local is None else local, labels, cam_aux, out["cls_token"],
+                                     pixels.flip(-1) if view is None else view, generator)
             total = total + self.w_ctc * terms["ctc"]
         else:
             total = total + 0.0 * sum(p.sum() for p in net.proj.parameters() if p.requires_grad)
@@ -153,15 +157,13 @@ class ToCoObjective:
                 "reg": self.reg_scale * dense_energy_loss(rgb, seg.softmax(1), roi, seg_labels, self.reg_sigma_rgb,
                                                           self.reg_sigma_xy)}
 
-    def _ctc(self, net, pixels, labels, cam_aux, cls_token, views, generator) -> torch.Tensor:
-        b = pixels.shape[0]
-        crops, flags = roi_crops(pixels, roi_map(cam_aux, labels, self.high, self.low), self.local_crops,
+    def _ctc(self, net, local, labels, cam_aux, cls_token, view, generator) -> torch.Tensor:
+        b = local.shape[0]
+        crops, flags = roi_crops(local, roi_map(cam_aux, labels, self.high, self.low), self.local_crops,
                                  self.local_crop_size, generator)
         net.update_teacher()
-        if views is None:  # the image (its class token is already in hand) and its mirror
-            global_cls = torch.stack([cls_token, net.class_tokens(pixels.flip(-1))], dim=1).flatten(0, 1)
-        else:
-            global_cls = net.class_tokens(views.flatten(0, 1))  # [B·2, D], image-major
+        # the first global view is the training image, whose class token the forward pass already gave
+        global_cls = torch.stack([cls_token, net.class_tokens(view)], dim=1).flatten(0, 1)  # [B·2, D], image-major
         teacher = net.project_teacher(global_cls).view(b, 2, -1)
         local = net.project(net.class_tokens(crops.flatten(0, 1))).view(b, self.local_crops, -1)
         student = torch.cat([net.project(global_cls).view(b, 2, -1), local], dim=1)
@@ -180,9 +182,9 @@ class ToCoTraining(nn.Module):
         super().__init__()
         self.net, self.objective = net, objective
 
-    def forward(self, pixels: torch.Tensor, labels: torch.Tensor, iteration: int,
-                valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.objective(self.net, pixels, labels, iteration, valid=valid)
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor, iteration: int, valid: torch.Tensor | None = None,
+                view: torch.Tensor | None = None, local: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.objective(self.net, pixels, labels, iteration, view=view, local=local, valid=valid)
 
     def param_groups(self, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 0.01) -> list[dict]:
         return self.net.param_groups(lr, head_lr_mult, weight_decay)

@@ -1,7 +1,8 @@
 """``wsss train toco``: ToCo on image-level labels (the recipe; the loop and job are shared).
 
 Data: each training image with its image-level labels, randomly rescaled, cropped (the crop's
-padding marked invalid, the authors' image box) and flipped, in Ray Data actors. Step: the whole
+padding marked invalid, the authors' image box) and flipped, with CTC's second global view (a random
+resized crop of the whole image) and the colour jitters of the authors' views, in Ray Data actors. Step: the whole
 ToCo objective (``wsss_core.losses.toco``) as one module, so DDP syncs every gradient. Validation:
 the val split labeled by the network itself through the labeling pipeline: the CAM pseudo masks
 (``toco`` source, background below ``train.bkg``) and the segmentation head's masks (``toco_seg``).
@@ -14,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from wsss_core.augment import random_scale_crop_flip
+from wsss_core.augment import color_jitter, random_resized_crop, random_scale_crop_flip
 from wsss_core.metrics import ConfusionMatrix
 from wsss_platform.datasets import DatasetConfig, open_dataset
 from wsss_platform.storage import StorageOptions
@@ -32,19 +33,27 @@ class ImageLabelLoader:
         self.num_classes = len(self.ds.classes.names)
         self.train, self.rng = train, np.random.default_rng()
 
-    def sample(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def jitter(self, image: np.ndarray) -> np.ndarray:
+        return color_jitter(image, self.rng) if self.train["color_jitter"] else image
+
+    def sample(self, image_id: str) -> dict[str, np.ndarray]:
         row = self.ds.load(image_id)
         labels = np.zeros(self.num_classes, np.float32)
         labels[[c - 1 for c in row.labels]] = 1
         blank = np.zeros(row.image.shape[:2], np.uint8)  # the crop pads its mask with 255: that is the padding
         t = self.train
-        image, pad, _ = random_scale_crop_flip(row.image, blank, blank, t["crop_size"], tuple(t["scale_range"]),
-                                               self.rng, t["flip"])
-        return image, labels, pad == 0
+        crop, pad, _ = random_scale_crop_flip(row.image, blank, blank, t["crop_size"], tuple(t["scale_range"]),
+                                              self.rng, t["flip"])
+        view = random_resized_crop(row.image, t["crop_size"], tuple(t["global_view_scale"]), self.rng)
+        if t["flip"] and self.rng.random() < 0.5:
+            view = view[:, ::-1]
+        # the crop under two independent colour jitters: the input, and where CTC's local crops are cut
+        return {"image": self.jitter(crop), "labels": labels, "valid": pad == 0,
+                "view": self.jitter(np.ascontiguousarray(view)), "local": self.jitter(crop)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, labels, valid = zip(*(self.sample(str(i)) for i in batch["image_id"]), strict=True)
-        return {"image": np.stack(images), "labels": np.stack(labels), "valid": np.stack(valid)}
+        samples = [self.sample(str(i)) for i in batch["image_id"]]
+        return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 
 
 def label_with(net: torch.nn.Module, source: str, classes, bkg: float, scales: tuple[float, ...]):
@@ -111,8 +120,9 @@ class ToCoRecipe:
                device: torch.device) -> dict[str, torch.Tensor]:
         from wsss_platform.train.evaluate import unwrap
 
-        pixels = unwrap(module).net.normalize(batch["image"].to(device))
-        terms = module(pixels, batch["labels"].to(device), iteration, batch["valid"].to(device).bool())
+        net = unwrap(module).net
+        pixels, view, local = (net.normalize(batch[k].to(device)) for k in ("image", "view", "local"))
+        terms = module(pixels, batch["labels"].to(device), iteration, batch["valid"].to(device).bool(), view, local)
         total = terms.pop("total")
         return {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}
 

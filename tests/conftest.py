@@ -181,3 +181,16 @@ def labelled(tmp_path_factory, ray_local):
     run_label(build_config(LabelConfig, {}, [f"dataset.uri={root / 'voc'}", f"output={root / 'labels'}", "model.name=tiny",
                                              "model.pretrained=none", "refine=[caa]", "tracking.enabled=false", "cache=none"]))
     return root
+
+
+@pytest.fixture(scope="session")
+def labelled_cams(labelled):
+    """The demo VOC's train split labeled with no refiner, its CAMs kept (cache: cams): AffinityNet's input."""
+    from wsss_platform.config import build_config
+    from wsss_platform.label.config import LabelConfig
+    from wsss_platform.label.job import run_label
+
+    run_label(build_config(LabelConfig, {}, [f"dataset.uri={labelled / 'voc'}", f"output={labelled / 'cams'}",
+                                             "model.name=tiny", "model.pretrained=none", "refine=[]",
+                                             "tracking.enabled=false"]))
+    return labelled / "cams"

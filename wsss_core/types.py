@@ -103,6 +103,24 @@ class Refiner(Protocol):
                  images: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]: ...
 
 
+@runtime_checkable
+class StagedRefiner(Refiner, Protocol):
+    """A refiner that runs a network of its own on the images (PSA's random walk: AffinityNet's
+    affinity), in a stage apart so that a sweep can cache it: ``image_aux`` gives per image the aux
+    that ``__call__`` then reads (and computes itself when absent). ``image_aux_inputs`` names the
+    settings that shape it (e.g. the checkpoint and the radius, not β or t)."""
+
+    image_aux_inputs: ClassVar[tuple[str, ...]]
+
+    def image_aux(self, images: Sequence[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """uint8 [H, W, 3] images of one size -> per image {key: tensor}."""
+        ...
+
+
+def is_staged_refiner(refiner: object) -> bool:
+    return callable(getattr(refiner, "image_aux", None)) and isinstance(getattr(refiner, "image_aux_inputs", None), tuple)
+
+
 class ImageRefiner:
     """Base of the ``probs`` refiners that read each image's pixels and no aux (the dense CRF, PAR):
     a subclass gives ``what`` (for errors) and ``refine(image uint8 [H, W, 3], probs [1 + K, H, W])``."""

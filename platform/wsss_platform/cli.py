@@ -205,8 +205,13 @@ def _flag_overrides(args: argparse.Namespace, **extra: str | None) -> list[str]:
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + overwrite + list(args.overrides)
 
 
+TRAIN_INPUTS = {"pseudo_masks": "segmenter: a `wsss label` output, or none for the ground truth (train.pseudo_masks)",
+                "cams": "affinity: a `wsss label` output of the split, whose cams/ it learns from (train.cams)"}
+"""``--pseudo-masks`` / ``--cams``: flags for the train keys of the recipes that have them."""
+
+
 def train_overrides(args: argparse.Namespace) -> list[str]:
-    return _flag_overrides(args, **{"train.pseudo_masks": getattr(args, "pseudo_masks", None)})
+    return _flag_overrides(args, **{f"train.{k}": getattr(args, k, None) for k in TRAIN_INPUTS})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -245,12 +250,11 @@ def _add_data_args(p: argparse.ArgumentParser, config: str, split: str, output: 
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=f"config overrides, e.g. {example}")
 
 
-def add_train_args(p: argparse.ArgumentParser, pseudo_masks: bool = True) -> None:
-    _add_data_args(p, "see jobs/configs/*train*.yaml and *toco*.yaml", "dataset.split to train on",
+def add_train_args(p: argparse.ArgumentParser, inputs: tuple[str, ...] = tuple(TRAIN_INPUTS)) -> None:
+    _add_data_args(p, "see jobs/configs/*train*.yaml, *toco*.yaml, *affinity*.yaml", "dataset.split to train on",
                    "checkpoints and run state, local or s3:// (output)", "train.iterations=2000")
-    if pseudo_masks:
-        p.add_argument("--pseudo-masks", help="segmenter: a `wsss label` output, or none for the ground truth "
-                                              "(train.pseudo_masks)")
+    for key in inputs:
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, help=TRAIN_INPUTS[key])
     p.add_argument("--overwrite", action="store_true", help="start over in an output that holds a training")
 
 
@@ -278,7 +282,8 @@ def _add_train_commands(sub) -> None:
         recipe = recipe_class(name)
         p = rsub.add_parser(name, help=recipe.description)
         _describe(p, "train")
-        add_train_args(p, pseudo_masks="pseudo_masks" in recipe.config.model_fields["train"].annotation.model_fields)
+        fields = recipe.config.model_fields["train"].annotation.model_fields
+        add_train_args(p, tuple(k for k in TRAIN_INPUTS if k in fields))
         p.set_defaults(func=cmd_train)
     pr = sub.add_parser("predict", help="predict masks for a dataset split with a trained segmenter (Ray Data)")
     _describe(pr, "predict")
@@ -365,10 +370,12 @@ ABOUT = {
               ["wsss sweep --config jobs/configs/synthshapes-sweep.yaml", "wsss sweep --config jobs/configs/synthshapes-train-sweep.yaml",
                "wsss sweep --config my-sweep.yaml --dataset s3://bucket/VOC2012 --output s3://bucket/sweeps/voc-1"]),
     "train": ("Train on Ray Train: the segmenter on pseudo masks (a `wsss label` output) with CLIP-ES's\n"
-              "confidence-guided loss, or ToCo on image-level labels (its CAMs then label with cam_source=toco).\n"
+              "confidence-guided loss, ToCo on image-level labels (its CAMs then label with cam_source=toco), or\n"
+              "PSA's AffinityNet on a labeling output's CAMs (then refine: [random_walk]).\n"
               "DDP over compute.num_workers, checkpoints in --output, resumed by running it again.",
               ["wsss train segmenter --config jobs/configs/synthshapes-train.yaml",
                "wsss train toco --config jobs/configs/synthshapes-toco.yaml",
+               "wsss train affinity --config jobs/configs/synthshapes-affinity.yaml --cams synthshapes-train-labels",
                "wsss train segmenter --dataset s3://bucket/VOC2012 --pseudo-masks s3://bucket/clip-es-voc "
                "--output s3://bucket/seg-1 train.mu=0.95"]),
     "predict": ("Masks for a dataset split from a trained segmenter, with Ray Data (one GPU per actor when there are\n"

@@ -169,7 +169,7 @@ def test_random_walk_refiner_on_probabilities():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(2)]
     probs = [torch.rand(3, 40, 56), torch.rand(2, 40, 56)]
-    walk = create_refiner("random_walk", checkpoint=state, beta=4, t=3, radius=3)
+    walk = create_refiner("random_walk", checkpoint=state, beta=4, t=3, radius=3, form="banded")
     got = walk(probs, [{}, {}], images)
     for image, p, out in zip(images, probs, got, strict=True):
         x = torch.from_numpy(image)[None]
@@ -180,10 +180,11 @@ def test_random_walk_refiner_on_probabilities():
         want = F.interpolate(torch.from_numpy(walked)[None].float(), size=(40, 56), mode="bilinear",
                              align_corners=False)[0]
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
-    # the dense form, and a cached affinity in aux (no network pass), give the same
-    dense = create_refiner("random_walk", checkpoint=state, beta=4, t=3, radius=3, form="dense")
-    for a, b in zip(dense(probs, [{}, {}], images), got, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # the dense form (auto picks it for a grid this small), and a cached affinity in aux (no network pass)
+    for form in ("dense", "auto"):
+        dense = create_refiner("random_walk", checkpoint=state, beta=4, t=3, radius=3, form=form)
+        for a, b in zip(dense(probs, [{}, {}], images), got, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     cached = [{"affinity": a} for a in walk.affinity(images[:1])] + [{"affinity": walk.affinity(images[1:])[0]}]
     walk.net = None  # no network left to run
     for a, b in zip(walk(probs, cached), got, strict=True):

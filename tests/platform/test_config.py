@@ -67,10 +67,10 @@ def test_example_configs_load(name, monkeypatch):
         from wsss_platform.train.config import TrainConfig
 
         assert load_config(TrainConfig, path).model.backbone
-    elif "toco" in name:
-        from wsss_platform.train.config import ToCoConfig
+    elif "toco" in name or "affinity" in name:
+        from wsss_platform.train.config import AffinityConfig, ToCoConfig
 
-        assert load_config(ToCoConfig, path).model.backbone
+        assert load_config(ToCoConfig if "toco" in name else AffinityConfig, path).model.backbone
     else:
         assert load_config(LabelConfig, path).model.name
 

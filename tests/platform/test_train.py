@@ -1,4 +1,5 @@
-"""The segmenter on Ray Train: pseudo masks from `wsss label`, 2 DDP workers, checkpoints, MLflow, resume."""
+"""Training on Ray Train (the segmenter; ToCo and AffinityNet in the tests both recipes share): 2 DDP
+workers, checkpoints, MLflow, resume, 2 nodes."""
 
 import pytest
 
@@ -99,13 +100,20 @@ def _recipe_config(recipe: str, labelled, extra: list[str]):
 
     if recipe == "toco":
         return build_config(ToCoConfig, {}, [f"dataset.uri={labelled / 'voc'}", *TINY_TOCO, "train.seg_from=6", *extra])
+    if recipe == "affinity":
+        from wsss_platform.train.config import AffinityConfig
+
+        from .test_train_affinity import TINY_AFFINITY
+
+        return build_config(AffinityConfig, {}, [f"dataset.uri={labelled / 'voc'}", f"train.cams={labelled / 'cams'}",
+                                                 *TINY_AFFINITY, *extra])
     return build_config(TrainConfig, {}, [f"dataset.uri={labelled / 'voc'}", f"train.pseudo_masks={labelled / 'labels'}",
                                           *TINY_TRAIN, *extra])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "where"), [("segmenter", "local"), ("segmenter", "s3"), ("toco", "local"),
-                                               ("toco", "s3")])
+                                               ("toco", "s3"), ("affinity", "local"), ("affinity", "s3")])
 def test_a_killed_worker_resumes_from_the_last_checkpoint(recipe, where, labelled, tmp_path, ray_local, monkeypatch,
                                                           request):
     """A training worker's process killed for real mid-run: the group restarts from the last checkpoint
@@ -116,6 +124,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(recipe, where, labelle
 
     from wsss_platform import storage
 
+    if recipe == "affinity":
+        request.getfixturevalue("labelled_cams")  # the CAMs it learns from
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     out = str(tmp_path / "seg") if where == "local" else request.getfixturevalue("s3_bucket") + f"/{recipe}"
     cfg = _recipe_config(recipe, labelled, [f"output={out}", "train.iterations=14", "train.checkpoint_every=2",
@@ -132,6 +142,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(recipe, where, labelle
     if recipe == "toco":  # every term once too, the head's from seg_from on
         assert [m.step for m in client.get_metric_history(summary.run_id, "loss/ctc")] == list(range(1, 15))
         assert [m.step for m in client.get_metric_history(summary.run_id, "loss/seg")] == list(range(7, 15))
+    if recipe == "affinity":
+        assert [m.step for m in client.get_metric_history(summary.run_id, "loss/neg")] == list(range(1, 15))
     assert client.get_run(summary.run_id).info.status == "FINISHED"
     names = storage.list_names(storage.join(out, "train"))
     assert sum(n.startswith("checkpoint_2") for n in names) == 2  # num_to_keep, all of one run
@@ -140,7 +152,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(recipe, where, labelle
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["segmenter", "toco"])
+@pytest.mark.parametrize("recipe", ["segmenter", "toco", "affinity"])
 def test_two_nodes_keep_identical_parameters_and_the_loss_falls(recipe, tmp_path):
     """2 Ray nodes on loopback, one gloo worker on each: parameters identical after every step (for ToCo:
     with PTC, CTC's teacher step, the head's loss and its CRF energy in every step)."""

@@ -65,11 +65,12 @@ def test_train_toco_logs_every_loss_term_both_val_scores_and_a_cam_preview(toco_
     # wsss predict takes segmenters: a ToCo checkpoint is named for what it is, with what to do instead
     from wsss_platform.train.checkpoint import load_segmenter
 
-    with pytest.raises(ValueError, match=r"holds a toco network, not a segmenter: .* cam_source=toco model.checkpoint"):
+    with pytest.raises(ValueError, match=r"is a toco checkpoint, not a segmenter.s: .* cam_source=toco model.checkpoint"):
         load_segmenter(summary.checkpoint)
 
 
-@pytest.mark.parametrize("refine", [["caa"], ["par"], ["crf"], []])
+@pytest.mark.parametrize("refine", [["caa"], pytest.param(["par"], marks=pytest.mark.slow),
+                                    pytest.param(["crf"], marks=pytest.mark.slow), pytest.param([], marks=pytest.mark.slow)])
 def test_label_with_toco_cams_and_any_refiner(refine, toco_trained, labelled, tmp_path, ray_local):
     if "crf" in refine:
         pytest.importorskip("pydensecrf.densecrf")
@@ -84,6 +85,7 @@ def test_label_with_toco_cams_and_any_refiner(refine, toco_trained, labelled, tm
     assert run_json["settings"]["cam_source"] == "toco" and run_json["settings"]["refine"] == refine
 
 
+@pytest.mark.slow
 def test_label_with_the_toco_heads_masks(toco_trained, labelled, tmp_path, ray_local):
     root, _, _ = toco_trained
     cfg = build_config(LabelConfig, {}, [
@@ -123,6 +125,7 @@ def test_other_classes_than_the_checkpoints_fail_before_any_work(toco_trained, t
                                                  f"model.checkpoint={summary.checkpoint}", "tracking.enabled=false"]))
 
 
+@pytest.mark.slow
 def test_sweep_over_refinement_of_toco_cams_reuses_one_cam_cache(toco_trained, labelled, tmp_path, ray_local,
                                                                   monkeypatch):
     """A labeling sweep with cam_source=toco: CAA and mask settings swept over one cached set of CAMs."""

@@ -4,7 +4,7 @@ Two Ray nodes on loopback (``ray.cluster_utils.Cluster``), 2 CPU workers (gloo) 
 nodes (STRICT_SPREAD), the recipe's own module / optimiser / DDP (``loop.build``), step
 (``loop.step``) and Ray Data samples (``recipe.dataset``). After every step each worker's full
 parameter vector is gathered and compared; rank 0 writes what it saw to the JSON file argv[2].
-Usage: python two_node_train.py <demo VOC dataset> <result.json> <recipe: segmenter | toco>
+Usage: python two_node_train.py <demo VOC dataset> <result.json> <recipe: segmenter | toco | affinity>
 """
 
 import json
@@ -36,7 +36,9 @@ def per_worker(config):
     shard = ray.train.get_dataset_shard("train")
     while len(losses) < cfg.train.iterations:
         for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True):
-            losses.append(loop.step(recipe, model, optimizer, scheduler, batch, None, torch.device("cpu"))["loss"])
+            terms = loop.step(recipe, model, optimizer, scheduler, batch, None, torch.device("cpu"))
+            # ToCo: the classification term (its contrast terms need not fall within 16 steps of a random model)
+            losses.append(terms.get("loss/cls", terms["loss"]))
             flat = torch.cat([p.detach().flatten() for p in loop.unwrap(model).parameters()])
             every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
             dist.all_gather(every, flat)
@@ -57,6 +59,8 @@ SETTINGS = {
     "toco": ["train.batch_size=2", "train.crop_size=64", "train.local_crop_size=32", "train.local_crops=2",
              "train.lr=0.001", "train.warmup_iterations=0", "train.seg_from=0", "train.cam_scales=[1.0]",
              "model.proj_dim=64"],
+    "affinity": ["train.batch_size=4", "train.crop_size=64", "train.optimizer=adamw", "train.lr=0.001",
+                 "train.radius=3", "model.dims=[8, 8, 16]"],
 }
 
 
@@ -76,9 +80,18 @@ def main(dataset: str, result: str, recipe: str) -> None:
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         cls = recipe_class(recipe)
+        settings = SETTINGS[recipe]
+        if recipe == "affinity":  # the CAMs it learns from: the split labeled on this cluster first
+            from wsss_platform.label.config import LabelConfig
+            from wsss_platform.label.job import run_label
+
+            cams = os.path.join(os.path.dirname(result), "cams")
+            run_label(build_config(LabelConfig, {}, [f"dataset.uri={dataset}", f"output={cams}", "model.name=tiny",
+                                                     "model.pretrained=none", "refine=[]", "tracking.enabled=false"]))
+            settings = [*settings, f"train.cams={cams}"]
         cfg = build_config(cls.config, {}, [
             f"dataset.uri={dataset}", "model.backbone=open_clip:tiny", "model.pretrained=none", "train.iterations=16",
-            "train.scale_range=[1.0,1.0]", "compute.num_workers=2", *SETTINGS[recipe]])
+            "train.scale_range=[1.0,1.0]", "compute.num_workers=2", *settings])
         ds = open_dataset(cfg.dataset)
         trainer = TorchTrainer(
             per_worker, datasets={"train": cls(cfg).dataset(list(ds.ids), cfg.dataset.worker_payload())},

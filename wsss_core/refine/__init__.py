@@ -1,7 +1,11 @@
 """Refinements of CAMs, each a registered refiner: CAA (CLIP-ES), the dense CRF and PAR (ToCo); PSA's
 random walk along a learned affinity and the affinity labels it learns from."""
 
-from wsss_core.refine.affinity_labels import affinity_labels, confident_regions
+from wsss_core.refine.affinity_labels import (
+    affinity_labels,
+    confident_regions,
+    pair_labels_in_radius,
+)
 from wsss_core.refine.caa import (
     CAA,
     affinity,
@@ -38,6 +42,7 @@ __all__ = [
     "dense_affinity",
     "dense_crf",
     "pair_affinity",
+    "pair_labels_in_radius",
     "par",
     "par_affinity",
     "radius_offsets",

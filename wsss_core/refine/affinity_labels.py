@@ -53,27 +53,32 @@ def _crf_present(dense_crf, image: np.ndarray, scores: torch.Tensor, keep: torch
     return out
 
 
-def affinity_labels(cams: torch.Tensor, labels: torch.Tensor, alpha_low: float = 4.0, alpha_high: float = 32.0,
-                    radius: int = 5, images: np.ndarray | None = None,
-                    valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The pair labels AffinityNet learns from, on the feature grid.
+def pair_labels_in_radius(region: torch.Tensor, radius: int = 5) -> dict[str, torch.Tensor]:
+    """Pair labels from per-pixel labels (:func:`confident_regions`, 255 ignored) on the feature grid.
 
     Args:
-        cams, labels, alpha_low, alpha_high, images: as :func:`confident_regions`.
+        region: long [B, h, w].
         radius: pairs (i, j) with |i − j|² < radius² (reference 5), over
             :func:`wsss_core.refine.random_walk.radius_offsets`.
-        valid: optional bool [B, h, w]: pixels outside it (a crop's padding) are ignored.
 
     Returns:
         bool [B, P, h, w] each, for the pair of pixel (y, x) and its neighbour at offset P:
         ``bg_pos`` (both confident background), ``fg_pos`` (both the same confident class) and
         ``neg`` (both confident, different labels); pairs in none of them are ignored.
     """
-    region = confident_regions(cams, labels, alpha_low, alpha_high, images)
-    if valid is not None:
-        region = torch.where(valid, region, torch.full_like(region, IGNORE))
     other = shifted(region, radius_offsets(radius), fill=IGNORE)  # [B, P, h, w]
     here = region.unsqueeze(1)
     both = (here != IGNORE) & (other != IGNORE)
     same = both & (here == other)
     return {"bg_pos": same & (here == 0), "fg_pos": same & (here > 0), "neg": both & (here != other)}
+
+
+def affinity_labels(cams: torch.Tensor, labels: torch.Tensor, alpha_low: float = 4.0, alpha_high: float = 32.0,
+                    radius: int = 5, images: np.ndarray | None = None,
+                    valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The pair labels AffinityNet learns from, on the CAMs' grid: :func:`confident_regions` (outside
+    ``valid``, a crop's padding, ignored) then :func:`pair_labels_in_radius`."""
+    region = confident_regions(cams, labels, alpha_low, alpha_high, images)
+    if valid is not None:
+        region = torch.where(valid, region, torch.full_like(region, IGNORE))
+    return pair_labels_in_radius(region, radius)

@@ -17,7 +17,7 @@ any CAM refiner (e.g. CAA then the walk): average-pooled to AffinityNet's grid, 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -129,6 +129,10 @@ def random_walk_banded(cams: torch.Tensor, pairs: torch.Tensor, beta: float = 8.
     return m
 
 
+DENSE_MAX = 4096
+"""Grid cells up to which ``form="auto"`` walks with the dense matrix (N² floats: 64 MB at 4096)."""
+
+
 @REFINERS.register("random_walk")
 @dataclass
 class RandomWalk:
@@ -140,7 +144,8 @@ class RandomWalk:
         alpha: the walked background is ``(1 − max_k p_k)^alpha`` (PSA's, reference 16); ``None``
             walks the background the scores come with (the mask's background rule).
         radius: pairs within it on the feature grid (reference 5; as AffinityNet was trained).
-        form: ``banded`` (O(N·P) memory, any device) or ``dense`` (``[N, N]``, fewer steps: a GPU).
+        form: ``banded`` (O(N·P) memory, t steps) or ``dense`` (``[N, N]``, log t products); ``auto``:
+            dense up to ``DENSE_MAX`` grid cells (VOC's 56² at stride 8), banded beyond.
         device: where the network and the walk run.
 
     ``affinity(images)`` is the expensive, setting-independent part (one network pass per image);
@@ -152,12 +157,13 @@ class RandomWalk:
     t: int = 256
     alpha: float | None = 16.0
     radius: int = 5
-    form: Literal["banded", "dense"] = "banded"
+    form: Literal["auto", "banded", "dense"] = "auto"
     device: str = "cpu"
 
     space: ClassVar[str] = "probs"
     needs: ClassVar[frozenset[str]] = frozenset()
     needs_image: ClassVar[bool] = True
+    image_aux_inputs: ClassVar[tuple[str, ...]] = ("checkpoint", "radius")
 
     def __post_init__(self) -> None:
         from wsss_core.models.affinitynet import (
@@ -167,6 +173,15 @@ class RandomWalk:
         if self.t < 0 or self.beta <= 0:
             raise ValueError(f"random_walk: t must be ≥ 0 and beta > 0 (got t={self.t}, beta={self.beta})")
         self.net = affinitynet_from_state(self.checkpoint).to(self.device)
+
+    @classmethod
+    def from_network(cls, net: torch.nn.Module, **settings: Any) -> RandomWalk:
+        """The refiner on an AffinityNet in hand (scoring while it trains), on the network's device."""
+        self = cls.__new__(cls)
+        for f in fields(cls):
+            setattr(self, f.name, settings.get(f.name, f.default))
+        self.checkpoint, self.device, self.net = {}, str(next(net.parameters()).device), net
+        return self
 
     @property
     def aux_keys(self) -> frozenset[str]:
@@ -178,6 +193,10 @@ class RandomWalk:
         x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).to(self.device)
         return list(self.net.affinity(self.net.normalize(x), self.radius))
 
+    def image_aux(self, images: Sequence[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """The stage a sweep caches (:class:`wsss_core.types.StagedRefiner`): ``{"affinity": [P, h, w]}``."""
+        return [{"affinity": a} for a in self.affinity(images)]
+
     def walk(self, probs: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
         """[1 + K, H, W] scores, [P, h, w] affinity -> walked scores [1 + K, H, W]."""
         size, grid = probs.shape[-2:], pairs.shape[-2:]
@@ -185,7 +204,7 @@ class RandomWalk:
         if self.alpha is not None:
             scores = torch.cat([(1 - scores[1:].amax(0, keepdim=True)).clamp_min(0).pow(self.alpha), scores[1:]])
         m = F.adaptive_avg_pool2d(scores[None], grid)  # PSA: the CAM averaged over each feature cell
-        if self.form == "dense":
+        if self.form == "dense" or (self.form == "auto" and grid[0] * grid[1] <= DENSE_MAX):
             m = random_walk(m, dense_affinity(pairs[None].float(), self.radius), self.beta, self.t)
         else:
             m = random_walk_banded(m, pairs[None].float(), self.beta, self.t, self.radius)

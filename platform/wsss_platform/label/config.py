@@ -97,8 +97,8 @@ class RandomWalkConfig(Section):
     alpha: float | None = Field(16.0, gt=0)
     """The walked background ``(1 − max CAM)^alpha``; null walks the mask rule's background."""
     radius: int = Field(5, ge=2, le=16)
-    form: Literal["banded", "dense"] = "banded"
-    """banded: O(N·r²) memory, any device; dense: [N, N] matrices, fewer steps (a GPU)."""
+    form: Literal["auto", "banded", "dense"] = "auto"
+    """banded: O(N·r²) memory, t steps; dense: [N, N] matrices, log t products; auto: dense up to 4096 grid cells."""
 
 
 class ComputeConfig(Section):

@@ -152,8 +152,8 @@ def build_cam_source(cfg: LabelConfig, classes: ClassSet, device: torch.device) 
     return create_cam_source(cfg.cam_source, **kwargs)
 
 
-def refiner_checkpoint(cfg: LabelConfig, name: str) -> dict[str, Any]:
-    """``<name>.checkpoint`` (a training output or one checkpoint folder) loaded, or a clear error."""
+def refiner_checkpoint_uri(cfg: LabelConfig, name: str) -> str:
+    """``<name>.checkpoint`` resolved to one checkpoint folder (a training output's latest), or a clear error."""
     from wsss_platform.train.checkpoint import resolve
 
     uri = getattr(cfg, name).checkpoint
@@ -161,9 +161,20 @@ def refiner_checkpoint(cfg: LabelConfig, name: str) -> dict[str, Any]:
         raise ConfigError(f"refine: {name} runs a trained network: give {name}.checkpoint=URI, the output of "
                           f"`wsss train` (its latest checkpoint) or one of its checkpoint folders")
     try:
-        return _checkpoint(resolve(storage.absolute(uri), cfg.dataset.storage), cfg.dataset.storage.model_dump_json())
+        return resolve(storage.absolute(uri), cfg.dataset.storage)
     except ValueError as e:
         raise ConfigError(f"{name}.checkpoint: {e}".replace("--checkpoint", f"{name}.checkpoint")) from None
+
+
+def refiner_checkpoint(cfg: LabelConfig, name: str) -> dict[str, Any]:
+    return _checkpoint(refiner_checkpoint_uri(cfg, name), cfg.dataset.storage.model_dump_json())
+
+
+def refiner_stage_settings(cfg: LabelConfig, name: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """What shapes a refiner's own image stage (a sweep's cache key): the section's values, a
+    checkpoint as the folder it resolves to (an output's latest changes as it trains on)."""
+    section = getattr(cfg, name).model_dump(mode="json")
+    return {k: refiner_checkpoint_uri(cfg, name) if k == "checkpoint" else section[k] for k in keys}
 
 
 REFINER_INPUTS: dict[str, Callable[[LabelConfig, str, torch.device], Any]] = {

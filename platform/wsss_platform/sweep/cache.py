@@ -7,8 +7,10 @@
   feature stage and the settings of its feature inputs (model, precision).
 - ``cache/cams-<key>.pt``: per image the CAMs and class scores of one source setting (source,
   model, prompts, precision), and the aux too for sources in one stage.
+- ``cache/refiner-<name>-<key>.pt``: per image the image stage of a refiner that runs a network of its
+  own (the random walk's affinity), keyed by what shapes it (checkpoint, radius; not β or t).
 
-A trial that changes only refinement or mask settings reads both and runs no network; one that
+A trial that changes only refinement or mask settings reads them and runs no network; one that
 changes the prompts reruns only the second stage. Files are written atomically, so a crash leaves
 a cache either complete or absent.
 """
@@ -89,6 +91,24 @@ def cams_uri(output: str, cfg: LabelConfig) -> str:
     return storage.join(output, "cache", f"cams-{fingerprint(what)[:16]}.pt")
 
 
+def refiner_aux_uri(output: str, cfg: LabelConfig, name: str) -> str:
+    """Keyed by the refiner and what shapes its image stage (the random walk: checkpoint, radius)."""
+    from wsss_platform.label.stages import refiner_stage_settings
+
+    what = {"refiner": name, "inputs": refiner_stage_settings(cfg, name, REFINERS.get(name).image_aux_inputs)}
+    return storage.join(output, "cache", f"refiner-{name}-{fingerprint(what)[:16]}.pt")
+
+
+def compute_refiner_aux(refiner: types.StagedRefiner, subset: Subset, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """A staged refiner's image stage for every subset image (batched within size groups). Kept in
+    float32: the walk raises the affinity to the power β, which would magnify float16's rounding."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in subset.ids]
+    for chunk in subset.batches(batch_size):
+        for i, aux in zip(chunk, refiner.image_aux([subset.images[i].numpy() for i in chunk]), strict=True):
+            out[i] = {k: v.float().cpu() for k, v in aux.items()}
+    return out
+
+
 def compute_features(source: types.StagedCamSource, subset: Subset, aux: Collection[str],
                      batch_size: int) -> list[dict[str, torch.Tensor]]:
     """The setting-independent stage for every subset image (batched within size groups)."""
@@ -130,14 +150,17 @@ def outputs_from(subset: Subset, cams: list[dict[str, Any]], features: list[dict
 
 def aux_needed(label: LabelConfig, dims: list[Any]) -> list[str]:
     """Every aux key a trial's refiners can ask for: the refiners built for every combination of the
-    searched values that can change them (``refine`` and the keys of refiner sections; a float
-    range by its two ends). The other keys (prompts, mask) never change what refiners read."""
+    searched values that can change them (``refine`` and the keys of the sections of refiners that
+    read aux; a float range by its two ends). The other keys (prompts, mask) never change what refiners read."""
     def values(d):
         if d.kind == "categorical":
             return d.choices
         return range(int(d.low), int(d.high) + 1, int(d.step or 1)) if d.kind == "int" else (d.low, d.high)
 
-    relevant = [d for d in dims if d.key == "refine" or d.key.split(".")[0] in REFINERS]
+    # a refiner that reads no aux (the CRF, PAR, the random walk) cannot change the keys: its values are
+    # left out, so that a sweep over random_walk.t builds no AffinityNet per value of t
+    relevant = [d for d in dims if d.key == "refine"
+                or (d.key.split(".")[0] in REFINERS and REFINERS.get(d.key.split(".")[0]).needs)]
     base = label.model_dump(mode="json")
     keys: set[str] = set()
     for combo in itertools.product(*(values(d) for d in relevant)):

@@ -12,7 +12,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune import Callback
 
 REPORTED = re.compile(r"^(objective|miou|miou_raw|miou_confident|sharpness|ignore_fraction|images|complete|loss|lr|iteration|val_miou|val_iou/.+|"
-                      r"cams_cached|seconds|seconds_cams|seconds_refine|iou/.+)$")
+                      r"cams_cached|refiner_images_run|seconds|seconds_cams|seconds_refine|iou/.+)$")
 
 
 def trial_name(number: int, trial: Any) -> str:

@@ -40,7 +40,8 @@ def trial_rows(results, dims: list[Dim], n_images: int) -> list[dict[str, Any]]:
                "objective": m.get("objective"), "miou": m.get("miou"), "miou_raw": m.get("miou_raw"),
                "miou_confident": m.get("miou_confident"), "sharpness": m.get("sharpness"),
                "ignore_fraction": m.get("ignore_fraction"), "images": m.get("images"), "of_images": n_images,
-               "cams_cached": m.get("cams_cached"), "seconds": m.get("seconds"),
+               "cams_cached": m.get("cams_cached"), "refiner_images_run": m.get("refiner_images_run"),
+               "seconds": m.get("seconds"),
                "error": str(r.error).splitlines()[0][:500] if r.error else None}
         row |= {f"param:{k}": (r.config or {}).get(k) for k in names}
         rows.append(row)

@@ -1,7 +1,8 @@
 """One sweep trial: a labeling config -> pseudo masks of the subset -> objective.
 
 The trial reads the cached outputs of its CAM source (features, and the CAMs of its source
-setting, computing and caching each when it is the first trial to ask), refines and masks the
+setting) and of its refiners' own networks (the random walk's affinity), computing and caching each
+when it is the first trial to ask, refines and masks the
 subset chunk by chunk, and reports the running mIoU after each chunk so that ASHA can stop a
 poor trial early. The objective is a function of (params, context, report): a training sweep
 plugs in its own.
@@ -22,7 +23,7 @@ import torch
 from wsss_core.masks import IGNORE
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.prompts import sharpness
-from wsss_core.types import CamOutput, PseudoMask
+from wsss_core.types import CamOutput, PseudoMask, is_staged_refiner
 from wsss_platform import storage
 from wsss_platform.config import build_config
 from wsss_platform.label.config import LabelConfig
@@ -160,6 +161,23 @@ def source_outputs(cfg: LabelConfig, ctx: TrialContext, subset: cache.Subset,
     return cache.outputs_from(subset, cams, features, aux), [c["scores"] for c in cams], hit
 
 
+def attach_refiner_aux(cfg: LabelConfig, ctx: TrialContext, subset: cache.Subset, masker,
+                       outputs: list[CamOutput]) -> int:
+    """The image stage of each refiner that runs a network of its own (the random walk's affinity),
+    from the cache or computed once and cached, added to the outputs' aux. Returns how many images
+    went through such a network here (0 when all was cached)."""
+    ran = 0
+    for name, refiner in zip(cfg.refine, masker.cam_refiners + masker.prob_refiners, strict=True):
+        if not is_staged_refiner(refiner):
+            continue
+        staged, hit = _cached(cache.refiner_aux_uri(ctx.output, cfg, name), ctx,
+                              lambda r=refiner: cache.compute_refiner_aux(r, subset, cfg.compute.batch_size))
+        ran += 0 if hit else len(subset.ids)
+        for out, extra in zip(outputs, staged, strict=True):
+            out.aux = {**out.aux, **extra}
+    return ran
+
+
 def _locks(ctx: TrialContext):
     if not ctx.locks:
         return None
@@ -183,18 +201,20 @@ def evaluate(params: dict[str, Any], ctx: TrialContext, report) -> dict[str, Any
     s_uri = cache.subset_uri(ctx.output)
     subset = _memo(s_uri, lambda: cache.load_subset(s_uri, opts))
     outputs, scores, hit = source_outputs(cfg, ctx, subset, device)
+    scorer = Scorer(cfg, subset, outputs, device)
+    refiner_images = attach_refiner_aux(cfg, ctx, subset, scorer.masker, outputs)
     t_cams = time.perf_counter() - t0
     sharp = sharpness([s for s in scores if s.numel()]) if any(s.numel() for s in scores) else float("nan")
     n = len(subset.ids)
     chunks = ctx.report_chunks if ctx.objective == "miou" else 1
-    scorer = Scorer(cfg, subset, outputs, device)
     t_refine = 0.0
     metrics: dict[str, Any] = {}
     for upto in sorted({max(1, round(n * (c + 1) / chunks)) for c in range(chunks)}):
         t1 = time.perf_counter()
         scorer.add(upto)
         t_refine += time.perf_counter() - t1
-        metrics = scorer.metrics() | {"sharpness": sharp, "cams_cached": int(hit), "seconds_cams": t_cams,
+        metrics = scorer.metrics() | {"sharpness": sharp, "cams_cached": int(hit), "refiner_images_run": refiner_images,
+                                      "seconds_cams": t_cams,
                                       "seconds_refine": t_refine, "seconds": time.perf_counter() - t0,
                                       "complete": int(upto == n)}
         metrics["objective"] = metrics.get("miou", float("nan")) if ctx.objective == "miou" else sharp
@@ -212,6 +232,7 @@ def preview(params: dict[str, Any], ctx: TrialContext, n: int) -> bytes | None:
     subset = cache.load_subset(cache.subset_uri(ctx.output), opts)
     outputs, _, _ = source_outputs(cfg, ctx, subset, torch.device("cpu"))
     scorer = Scorer(cfg, subset, outputs, torch.device("cpu"), keep=n)
+    attach_refiner_aux(cfg, ctx, subset, scorer.masker, outputs)
     scorer.add(min(n, len(subset.ids)))
     order = {image_id: k for k, image_id in enumerate(subset.ids)}
     return grid(sorted(scorer.kept, key=lambda row: order[row.image_id]))

@@ -18,6 +18,11 @@ from wsss_platform.storage import StorageOptions
 FILE = "checkpoint.pt"
 
 
+USES = {"toco": "a toco network labels with `wsss label cam_source=toco model.checkpoint=URI`",
+        "affinitynet": "an affinitynet refines with `wsss label 'refine=[random_walk]' random_walk.checkpoint=URI`"}
+"""What another recipe's network is for, by the name its spec is stored under."""
+
+
 def segmenter_spec(model_cfg: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
     return {"backbone": model_cfg["backbone"], "head": model_cfg["head"], "output_stride": model_cfg["output_stride"],
             "class_names": list(class_names)}
@@ -47,10 +52,9 @@ def spec_of(state: dict[str, Any], uri: str) -> dict[str, Any]:
     """The checkpoint's segmenter spec (see :func:`segmenter_spec`), or an error naming the file."""
     spec = state.get("segmenter")
     other = [k for k, v in state.items() if k != "segmenter" and isinstance(v, dict) and "class_names" in v]
-    if spec is None and other:  # another recipe's network (its spec is stored under the recipe's name)
-        raise ValueError(f"{storage.join(uri, FILE)} holds a {other[0]} network, not a segmenter: give a `wsss train "
-                         f"segmenter` checkpoint (a {other[0]} network labels with `wsss label cam_source={other[0]} "
-                         "model.checkpoint=URI`)")
+    if spec is None and other:  # another recipe's network (its spec is stored under the network's name)
+        raise ValueError(f"{storage.join(uri, FILE)} is a {other[0]} checkpoint, not a segmenter's: give a `wsss train "
+                         f"segmenter` checkpoint ({USES.get(other[0], 'it is not for wsss predict')})")
     if spec is None:
         raise ValueError(f"{storage.join(uri, FILE)} has no segmenter spec (written by an older wsss train); "
                          "retrain or continue training with this version")

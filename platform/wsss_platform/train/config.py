@@ -1,4 +1,4 @@
-"""The training jobs' typed configs: one per recipe (``wsss train segmenter``, ``wsss train toco``) on
+"""The training jobs' typed configs: one per recipe (``wsss train segmenter``, ``toco``, ``affinity``) on
 a shared base (data, output, compute, tracking) and a shared schedule (iterations, crops, optimiser)."""
 
 from __future__ import annotations
@@ -152,6 +152,12 @@ class ToCoSchedule(ScheduleBase):
     local_crops: int = Field(8, ge=1)
     """CTC's local crops per image (the authors' ncrops − 2)."""
     local_crop_size: int = Field(96, ge=16)
+    global_view_scale: tuple[float, float] = (0.4, 1.0)
+    """CTC's second global view: a random resized crop of the whole image of this area fraction (the
+    first is the training crop itself)."""
+    color_jitter: bool = True
+    """DINO's colour jitter (p 0.8) and greying (p 0.2), drawn apart for the training crop, the second
+    global view and the image the local crops are cut from."""
     temp: float = Field(0.5, gt=0)
     w_ptc: float = Field(0.2, ge=0)
     w_ctc: float = Field(0.5, ge=0)
@@ -177,3 +183,64 @@ class ToCoConfig(TrainBase):
     recipe: ClassVar[str] = "toco"
     model: ToCoModel = ToCoModel()
     train: ToCoSchedule = ToCoSchedule()
+
+
+class AffinityModel(Section):
+    backbone: str = "resnet50"
+    """A timm CNN (dilated to ``output_stride``; PSA: ResNet-38), a timm ViT, or ``open_clip:<name or
+    model-config JSON>`` (a CLIP visual tower)."""
+    pretrained: str = "timm"
+    """``none``, ``timm`` (timm's own weights), an open_clip tag, or a weights file (path or s3:// URI)."""
+    depths: tuple[int, ...] = (-3, -2, -1)
+    """The stages (CNN) or blocks (ViT) whose features make the affinity, from the end."""
+    dims: tuple[int, ...] = (64, 128, 256)
+    """Each depth's channels after its 1×1 reduction (PSA's)."""
+    output_stride: Literal[8, 16] = 8
+    """CNN backbones only."""
+
+    @model_validator(mode="after")
+    def _pairs(self) -> AffinityModel:
+        if len(self.depths) != len(self.dims):
+            raise ValueError(f"depths {self.depths} and dims {self.dims} must have the same length")
+        return self
+
+
+class AffinitySchedule(ScheduleBase):
+    """AffinityNet's schedule; defaults are PSA's (``train_aff.py``: SGD lr 0.1, wd 5e-4, batch 8,
+    448² crops, the new layers at 10× lr; 8 epochs of VOC train_aug ≈ 10.6k iterations)."""
+
+    iterations: int = Field(10000, ge=1)
+    crop_size: int = Field(448, ge=32)
+    scale_range: tuple[float, float] = (0.9, 1.5)
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    val_split: str | None = "train"
+    """A split the CAMs cover (their own): its first ``eval_images`` are scored, raw CAM vs random walk."""
+    cams: str = ""
+    """A ``wsss label`` output of this split whose cams/ hold the CAMs (any CAM source)."""
+    alpha_low: float = Field(4.0, gt=0)
+    """Background power of confident foreground (PSA's la)."""
+    alpha_high: float = Field(32.0, gt=0)
+    """Background power of confident background (PSA's ha)."""
+    radius: int = Field(5, ge=2, le=16)
+    crf: bool = False
+    """PSA sharpens both confident maps with a dense CRF (needs pydensecrf)."""
+    eval_images: int = Field(100, ge=1)
+    beta: float = Field(8.0, gt=0)
+    """Random walk while scoring (the ``random_walk`` refiner's keys)."""
+    t: int = Field(256, ge=0)
+    alpha: float = Field(16.0, gt=0)
+
+    @model_validator(mode="after")
+    def _powers(self) -> AffinitySchedule:
+        if self.alpha_low >= self.alpha_high:
+            raise ValueError(f"alpha_low ({self.alpha_low}) must be below alpha_high ({self.alpha_high})")
+        return self
+
+
+class AffinityConfig(TrainBase):
+    """``wsss train affinity``: PSA's AffinityNet on the CAMs of a labeling output (then ``refine: [random_walk]``)."""
+
+    recipe: ClassVar[str] = "affinity"
+    model: AffinityModel = AffinityModel()
+    train: AffinitySchedule = AffinitySchedule()

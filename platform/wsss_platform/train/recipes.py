@@ -1,4 +1,4 @@
-"""Training recipes: what differs between ``wsss train segmenter`` and ``wsss train toco``.
+"""Training recipes: what differs between ``wsss train segmenter``, ``toco`` and ``affinity``.
 
 The job (driver), the loop (each worker) and the checkpoints are one code path; a recipe supplies
 the config class, the training data, the module and its losses, validation, and the picture of
@@ -164,7 +164,13 @@ def _toco() -> type:
     return ToCoRecipe
 
 
-RECIPES: dict[str, Any] = {"segmenter": lambda: SegmenterRecipe, "toco": _toco}
+def _affinity() -> type:
+    from wsss_platform.train.affinity import AffinityRecipe
+
+    return AffinityRecipe
+
+
+RECIPES: dict[str, Any] = {"segmenter": lambda: SegmenterRecipe, "toco": _toco, "affinity": _affinity}
 """Command name -> a function giving the recipe class (imported when used)."""
 
 

@@ -1,0 +1,193 @@
+"""``wsss train affinity``: PSA's AffinityNet on the CAMs of a labeling output (the recipe).
+
+Data: each training image with its cached CAMs (``cams/<id>.npz`` of a ``wsss label`` output, any CAM
+source), upsampled to the image, made into confident regions (two background powers, optionally a
+CRF: ``wsss_core.refine.affinity_labels``) and scaled / cropped / flipped with the image, in Ray Data
+actors. Step: AffinityNet's features, the pair affinities within the radius, and the three-term loss
+against the regions' pair labels on the feature grid. Validation: the first ``eval_images`` of
+``val_split`` (a split the CAMs cover): masks from the raw CAMs (background ``(1 − max)^alpha``) and
+from the random-walked ones, against the ground truth.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss_core.augment import random_scale_crop_flip
+from wsss_core.maps import upsample
+from wsss_core.metrics import ConfusionMatrix
+from wsss_core.types import CamOutput
+from wsss_platform import storage
+from wsss_platform.datasets import DatasetConfig, open_dataset
+from wsss_platform.label import outputs
+from wsss_platform.storage import StorageOptions
+from wsss_platform.train.config import AffinityConfig, TrainBase
+
+
+def cam_output(cams_root: str, image_id: str, options: StorageOptions | None) -> CamOutput:
+    """An image's cached CAMs [K, h, w] (float32) with their labels and class scores."""
+    cache = outputs.decode_cams(storage.read_bytes(outputs.cams_uri(cams_root, image_id), options))
+    return CamOutput([int(c) for c in cache["labels"]], torch.from_numpy(cache["cams"].astype(np.float32)),
+                     torch.from_numpy(cache["class_scores"]))
+
+
+class CamRegionLoader:
+    """Ray Data callable: image ids -> augmented crops and their confident regions (uint8, 255 ignored)."""
+
+    def __init__(self, dataset: dict[str, Any], train: dict[str, Any]) -> None:
+        cfg = DatasetConfig.model_validate(dataset)
+        self.ds, self.opts, self.train = open_dataset(cfg), cfg.storage, train
+        self.num_classes = len(self.ds.classes.names)
+        self.rng = np.random.default_rng()
+
+    def regions(self, image_id: str, image: np.ndarray) -> np.ndarray:
+        from wsss_core.refine.affinity_labels import confident_regions
+
+        out, t = cam_output(self.train["cams"], image_id, self.opts), self.train
+        full = torch.zeros(1, self.num_classes, *image.shape[:2])
+        labels = torch.zeros(1, self.num_classes)
+        idx = [c - 1 for c in out.labels]
+        full[0, idx], labels[0, idx] = upsample(out.cams, image.shape[:2]), 1.0
+        region = confident_regions(full, labels, t["alpha_low"], t["alpha_high"], image[None] if t["crf"] else None)
+        return region[0].numpy().astype(np.uint8)
+
+    def sample(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        row = self.ds.load(image_id)
+        region = self.regions(image_id, row.image)
+        t = self.train
+        image, region, _ = random_scale_crop_flip(row.image, region, np.zeros_like(region), t["crop_size"],
+                                                  tuple(t["scale_range"]), self.rng, t["flip"])
+        return image, region  # the crop's padding is 255: no pair there
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, regions = zip(*(self.sample(str(i)) for i in batch["image_id"]), strict=True)
+        return {"image": np.stack(images), "region": np.stack(regions)}
+
+
+class AffinityRecipe:
+    name: ClassVar[str] = "affinity"
+    config: ClassVar[type[TrainBase]] = AffinityConfig
+    score: ClassVar[str] = "val_rw_miou"
+    description: ClassVar[str] = "PSA's AffinityNet on the CAMs of a `wsss label` output (then refine: [random_walk])"
+
+    def __init__(self, cfg: AffinityConfig) -> None:
+        self.cfg = cfg
+
+    def labels(self) -> str:
+        return f"CAMs of {self.cfg.train.cams}"
+
+    def absolute_train(self) -> dict[str, Any]:
+        return {"cams": storage.absolute(self.cfg.train.cams) if self.cfg.train.cams else ""}
+
+    def check(self, ids: list[str]) -> None:
+        """The CAMs exist for the split trained on and for the split scored (named, with the fix)."""
+        t, opts = self.cfg.train, self.cfg.dataset.storage
+        if not t.cams:
+            raise ValueError("train.cams: give a `wsss label` output of this split (--cams URI); its cams/ hold the "
+                             "CAMs AffinityNet learns from (any cam_source, cache: cams or full)")
+        firsts = [("dataset.split", self.cfg.dataset.split, ids[0])]
+        if t.val_split:
+            val = open_dataset(self.cfg.dataset.model_copy(update={"split": t.val_split}))
+            firsts.append(("train.val_split", t.val_split, val.ids[0]))
+        for key, split, image_id in firsts:
+            if not storage.exists(outputs.cams_uri(t.cams, image_id), opts):
+                raise ValueError(f"train.cams: {outputs.cams_uri(t.cams, image_id)} not found ({key} {split}): "
+                                 f"label that split with cache: cams (or full) into {t.cams}"
+                                 + (", or set val_split to the labeled split (null: no scoring)"
+                                    if key == "train.val_split" else ""))
+
+    def dataset(self, ids: list[str], payload: dict[str, Any]):
+        import ray
+
+        c = self.cfg.compute
+        items = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
+        return items.map_batches(CamRegionLoader, batch_size=8, num_cpus=c.loader_cpus,
+                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=c.loader_actors),
+                                 fn_constructor_kwargs={"dataset": payload, "train": self.cfg.train.model_dump(mode="json")})
+
+    def build(self, num_classes: int, weights: Any) -> torch.nn.Module:
+        from wsss_core.models.affinitynet import create_affinitynet
+
+        m = self.cfg.model
+        return create_affinitynet(m.backbone, weights, m.depths, m.dims, m.output_stride)
+
+    def network(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def spec(self, module: torch.nn.Module, class_names: list[str]) -> dict[str, Any]:
+        return {"affinitynet": module.spec | {"class_names": list(class_names)}}
+
+    def losses(self, module: torch.nn.Module, batch: dict[str, torch.Tensor], iteration: int,
+               device: torch.device) -> dict[str, torch.Tensor]:
+        from wsss_core.losses.affinity import affinity_loss
+        from wsss_core.refine.affinity_labels import pair_labels_in_radius
+        from wsss_core.refine.random_walk import pair_affinity
+        from wsss_platform.train.evaluate import unwrap
+
+        features = module(unwrap(module).normalize(batch["image"].to(device)))
+        # PSA: the regions brought to the feature grid by nearest neighbour
+        region = F.interpolate(batch["region"].to(device)[:, None].float(), size=features.shape[-2:], mode="nearest")
+        r = self.cfg.train.radius
+        terms = affinity_loss(pair_affinity(features, r), pair_labels_in_radius(region[:, 0].long(), r))
+        return {"loss": terms.pop("total"), **{f"loss/{k}": v for k, v in terms.items()}}
+
+    def walk(self, net: torch.nn.Module):
+        """Raw-CAM and random-walk maskers with the schedule's settings, on the network in hand."""
+        from wsss_core.pipeline import PseudoMasker
+        from wsss_core.refine.random_walk import RandomWalk
+
+        t = self.cfg.train
+        refiner = RandomWalk.from_network(net, beta=t.beta, t=t.t, alpha=t.alpha, radius=t.radius)
+        return PseudoMasker([refiner], bg_rule="power", bg_value=t.alpha, mu=0.0)
+
+    @torch.no_grad()
+    def validation(self, module: torch.nn.Module, ds, config: dict[str, Any], device: torch.device,
+                   final: bool) -> dict[str, float]:
+        from wsss_platform.train.evaluate import all_reduce, iou_metrics, my_slice, unwrap
+
+        if ds is None:
+            return {}
+        net, names = unwrap(module), config["class_names"]
+        net.eval()
+        masker = self.walk(net)
+        cm_raw, cm = ConfusionMatrix(len(names)), ConfusionMatrix(len(names))
+        for image_id in my_slice(config["val_ids"][: self.cfg.train.eval_images]):
+            row = ds.load(image_id)
+            res = masker([cam_output(self.cfg.train.cams, image_id, self.cfg.dataset.storage)],
+                         [row.image.shape[:2]], [row.image])[0]
+            cm_raw.update(res.mask_raw, row.mask)
+            cm.update(res.mask, row.mask)
+        net.train()
+        return iou_metrics(all_reduce(cm_raw, device), names, "val_cam") | iou_metrics(all_reduce(cm, device), names, "val_rw")
+
+    def load(self, uri: str, options: StorageOptions | None) -> tuple[torch.nn.Module, list[str]]:
+        from wsss_core.models.affinitynet import affinitynet_from_state
+        from wsss_platform.train.checkpoint import load_state
+
+        state = load_state(uri, options)
+        return affinitynet_from_state(state), list(state["affinitynet"]["class_names"])
+
+    def preview(self, net: torch.nn.Module, ds) -> bytes:
+        """image | affinity to the 4 nearest neighbours (dark: an edge) | CAM mask | random walk | ground truth."""
+        from wsss_core.refine.random_walk import radius_offsets
+        from wsss_platform.preview import colour, heatmap, panels
+        from wsss_platform.train.evaluate import unwrap
+
+        net = unwrap(net)
+        masker, near = self.walk(net), [radius_offsets(self.cfg.train.radius).index(o) for o in ((-1, 0), (0, -1), (0, 1), (1, 0))]
+        cells = []
+        for image_id in ds.ids[: self.cfg.tracking.preview_images]:
+            row = ds.load(image_id)
+            pairs = masker.prob_refiners[0].affinity([row.image])[0]
+            edges = upsample(pairs[near].mean(0).cpu(), row.image.shape[:2]).numpy()
+            res = masker([cam_output(self.cfg.train.cams, image_id, self.cfg.dataset.storage)],
+                         [row.image.shape[:2]], [row.image])[0]
+            cells.append((image_id, [("image", row.image, False), ("affinity", heatmap(edges), False),
+                                     ("CAM mask", colour(res.mask_raw.numpy(), row.image), True),
+                                     ("random walk", colour(res.mask.numpy(), row.image), True),
+                                     ("ground truth", colour(row.mask, row.image), True)]))
+        return panels(cells)

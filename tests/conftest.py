@@ -74,9 +74,15 @@ def s3_server():
 @pytest.fixture
 def s3_bucket(s3_server, request):
     """A fresh bucket on the moto server; yields ``s3://<bucket>``."""
+    import hashlib
+
     import s3fs
 
-    name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
+    # Bucket names stop at 63 characters, so a long test name is cut; the hash keeps the parameters of one
+    # test (which share the cut prefix) in buckets of their own.
+    node = request.node.name
+    slug = node.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
+    name = f"t-{slug}-{hashlib.sha1(node.encode()).hexdigest()[:8]}"
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
     fs.mkdir(name)
     return f"s3://{name}"

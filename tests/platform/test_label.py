@@ -119,7 +119,7 @@ def test_label_coco_local(tmp_path, ray_local, monkeypatch):
     assert mapping["5"] == 4
 
 
-@pytest.mark.parametrize("layout", ["voc", "coco"])
+@pytest.mark.parametrize("layout", ["voc", pytest.param("coco", marks=pytest.mark.slow)])
 def test_label_s3(s3_bucket, ray_local, tmp_path, monkeypatch, layout):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -239,6 +239,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert np.isfinite(parent.data.metrics["best_objective"])
 
 
+@pytest.mark.slow  # the default set reaches S3 through the labeling and training tests
 def test_sweep_on_s3(s3_bucket, ray_local, tmp_path, monkeypatch):
     """Dataset, caches, Tune's experiment state and best.yaml all on object storage."""
     from wsss_platform import storage

@@ -59,7 +59,8 @@ def test_train_affinity_logs_its_three_terms_both_scores_and_an_affinity_preview
         load_segmenter(summary.checkpoint)
 
 
-@pytest.mark.parametrize("refine", [["random_walk"], pytest.param(["caa", "random_walk"], marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("refine", [["random_walk"], ["caa", "random_walk"]])
 def test_label_with_the_random_walk_alone_or_after_caa(refine, affinity_trained, labelled, tmp_path, ray_local):
     root, _, _ = affinity_trained
     cfg = build_config(LabelConfig, {}, [

@@ -20,7 +20,7 @@ import torch
 
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.types import PseudoMask
-from wsss_platform import storage
+from wsss_platform import metrics, storage
 from wsss_platform.datasets import DatasetConfig, DatasetError, open_dataset
 from wsss_platform.datasets.base import encode_mask_png
 from wsss_platform.label import outputs
@@ -135,6 +135,7 @@ class Labeler:
         t0 = time.perf_counter()
         results = self._results(batch, [i for i in idx if not errors[i]], errors)
         per_image = (time.perf_counter() - t0) / max(1, len(results))
+        t0 = time.perf_counter()
         futures = {i: self.io.submit(self._write, str(batch["image_id"][i]), r, tuple(batch["image"][i].shape[:2]))
                    for i, r in results.items()}
         for i, f in futures.items():
@@ -142,7 +143,9 @@ class Labeler:
                 f.result()
             except storage.StorageError as e:
                 errors[i] = str(e)
-        return [self._row(batch, i, results.get(i), errors[i], per_image) for i in idx]
+        rows = [self._row(batch, i, results.get(i), errors[i], per_image) for i in idx]
+        metrics.record_label_rows(rows, self.cfg.cam_source, (time.perf_counter() - t0) / max(1, len(futures)))
+        return rows
 
     def _row(self, batch: dict[str, np.ndarray], i: int, r, error: str, per_image: float) -> dict[str, Any]:
         row: dict[str, Any] = {"image_id": str(batch["image_id"][i]), "error": error, "worker": self.worker,
@@ -179,6 +182,7 @@ class Labeler:
                 errors[i] = (f"its worker died while labeling {image_id} ({w}x{h}), twice: out of memory, or over "
                              f"compute.memory_per_actor={memory_per_actor(self.cfg)} bytes; it was not tried again")
                 rows += self._commit([self._row(batch, i, None, errors[i], 0.0)])
+                metrics.record_label_rows(rows[-1:], self.cfg.cam_source, 0.0)
                 self.inflight.remove([image_id])
                 continue
             self.inflight.create([image_id])

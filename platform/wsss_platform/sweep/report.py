@@ -11,6 +11,8 @@ from typing import Any
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune import Callback
 
+from wsss_platform import metrics
+
 REPORTED = re.compile(r"^(objective|miou|miou_raw|miou_confident|sharpness|ignore_fraction|images|complete|loss|lr|iteration|val_miou|val_iou/.+|"
                       r"cams_cached|refiner_images_run|seconds|seconds_cams|seconds_refine|iou/.+)$")
 
@@ -64,6 +66,8 @@ class TrialLines(Callback):
         complete = result.get("complete") == 1
         if complete and isinstance(value, float) and not math.isnan(value) and self._better(value):
             self.best = value
+            metrics.record("wsss_sweep_best_objective", value, objective=self.objective)
+        metrics.record("wsss_sweep_trials", 1, status="complete" if complete else "stopped")
         what = f"{self.objective} {value:.4f}" if isinstance(value, float) else "no score"
         if not complete:
             what += " (stopped early)"
@@ -73,5 +77,6 @@ class TrialLines(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.finished += 1
+        metrics.record("wsss_sweep_trials", 1, status="failed")
         self.log(f"[wsss sweep] {trial_name(self.finished, trial)} ({self.finished}/{self.total}) · FAILED "
                  f"(see {trial.local_path})")

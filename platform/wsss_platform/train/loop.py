@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from wsss_platform import metrics as live_metrics
 from wsss_platform.train.checkpoint import FILE as CHECKPOINT_FILE
 from wsss_platform.train.config import TrainBase
 from wsss_platform.train.evaluate import unwrap
@@ -173,6 +174,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if checkpoint:
                 report(metrics, recipe, model, optimizer, scheduler, it, spec)
             log.add(metrics, it, flush=checkpoint)  # after the checkpoint is saved
+            if rank0:
+                live_metrics.record_train_step(config["recipe"], metrics, ray.train.get_context().get_world_size())
             if checkpoint and rank0:
                 val = f" · {recipe.score} {metrics[recipe.score]:.4f}" if recipe.score in metrics else ""
                 # not print(): Train patches it to log through its logger too, and the line would show twice

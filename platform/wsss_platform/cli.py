@@ -337,6 +337,27 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from wsss_platform import cluster
+
+    state_dir = Path(args.state_dir) if args.state_dir else cluster.default_state_dir()
+    try:
+        if args.action == "up":
+            print(cluster.describe(cluster.up(args.workers, args.cpus_per_node, state_dir)))
+        elif args.action == "status":
+            print(cluster.status(state_dir))
+        else:
+            c, stopped = cluster.down(state_dir)
+            print(f"[wsss cluster] stopped {stopped} process(es) of the cluster at {c.dashboard}; "
+                  f"Ray's logs stay in {c.temp_dir}")
+    except cluster.ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from wsss_platform.demo import run_demo
 
@@ -385,6 +406,10 @@ ABOUT = {
                  "--output s3://bucket/pred-1 'scales=[0.5,0.75,1,1.25,1.5,1.75]' flip=true"]),
     "submit": ("Submit a job to a running Ray cluster through its Job Submission API.",
                ["wsss submit label --address http://HEAD:8265 --config jobs/configs/voc.yaml --follow"]),
+    "cluster": ("A Ray cluster of several nodes on this machine, all on 127.0.0.1 (each node its own `ray start`,\n"
+                "with ports of its own): for trying multi-node jobs, `wsss submit` and the metrics before a real\n"
+                "cluster (cluster/README.md: KubeRay, the cluster launcher).",
+                ["wsss cluster up --workers 2 --cpus-per-node 2", "wsss cluster status", "wsss cluster down"]),
     "jobs": ("Follow or stop a job submitted with `wsss submit`.", ["wsss jobs logs raysubmit_123 --address http://HEAD:8265"]),
     "demo": ("Generate the demo dataset and label it end to end (what `make demo` runs).", ["wsss demo --offline"]),
 }
@@ -418,6 +443,20 @@ def _add_cluster_commands(sub) -> None:
         sp.add_argument("--submission-id", default=None)
         sp.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
         sp.set_defaults(func=cmd_submit)
+
+    cl = sub.add_parser("cluster", help="a multi-node Ray cluster on this machine (loopback): up, status, down")
+    _describe(cl, "cluster")
+    csub = cl.add_subparsers(dest="action", required=True)
+    for action, text in (("up", "start a head and N worker nodes, each its own `ray start`"),
+                         ("status", "the cluster's nodes and their resources"),
+                         ("down", "stop exactly the processes the cluster started")):
+        ca = csub.add_parser(action, help=text)
+        ca.add_argument("--state-dir", help="where the cluster's state file lives (default: $WSSS_CLUSTER_DIR or "
+                        "~/.wsss/cluster)")
+        if action == "up":
+            ca.add_argument("--workers", type=int, default=2, help="worker nodes besides the head")
+            ca.add_argument("--cpus-per-node", type=float, default=2, help="CPUs each node offers Ray")
+        ca.set_defaults(func=cmd_cluster)
 
     jb = sub.add_parser("jobs", help="follow jobs submitted with `wsss submit`")
     _describe(jb, "jobs")

@@ -257,3 +257,103 @@ def test_the_printed_urls_open_the_runs_in_a_browser(jobs, browser):
     browser.execute_script("arguments[0].click();", toggle)
     _wait_text(browser, "trial 4 ·")
     browser.save_screenshot(str(SHOTS / "sweep-children.png"))
+
+
+@pytest.fixture(scope="module")
+def trained(jobs):
+    """`wsss train segmenter` (4 iterations, validated twice) and `wsss predict` on its checkpoint, from a
+    shell, tracking to the same MLflow server."""
+    from .test_train import TINY_TRAIN
+
+    root, env = jobs["root"], jobs["env"]
+    logs = {}
+    for name, cmd in {
+        "train": ["train", "segmenter", "--dataset", "voc", "--pseudo-masks", "none", "--output", "seg", *TINY_TRAIN,
+                  "compute.num_workers=1", "train.iterations=4", "train.eval_every=2", "train.checkpoint_every=2"],
+        "predict": ["predict", "--checkpoint", "seg", "--dataset", "voc", "--split", "val", "--output", "pred"],
+    }.items():
+        with open(root / f"{name}.log", "w") as log:
+            rc = subprocess.run([str(BIN / "wsss"), *cmd], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=600).returncode
+        logs[name] = (root / f"{name}.log").read_text()
+        assert rc == 0, logs[name][-3000:]
+    return {name: URL.search(text).group(1) for name, text in logs.items()}
+
+
+def _artifact_image_renders(browser, shot: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        imgs = [i for i in browser.find_elements(By.TAG_NAME, "img") if (i.get_attribute("src") or "").startswith("blob:")]
+        if imgs and browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", imgs[0]):
+            browser.save_screenshot(str(SHOTS / shot))
+            return
+        time.sleep(0.5)
+    browser.save_screenshot(str(SHOTS / f"failed-{shot}"))
+    raise AssertionError(f"no rendered image artifact on {browser.current_url}")
+
+
+def _scroll_through(browser, shot: str) -> str:
+    """Scroll every scrollable part of the page to its end in screen-sized steps; the page's text seen on the way."""
+    from selenium.webdriver.common.by import By
+
+    seen = browser.find_element(By.TAG_NAME, "body").text
+    for step in range(40):
+        moved = browser.execute_script("""
+            let moved = false;
+            for (const el of document.querySelectorAll('*')) {
+              if (el.scrollHeight > el.clientHeight + 20 && getComputedStyle(el).overflowY.match(/auto|scroll/)
+                  && el.scrollTop + el.clientHeight < el.scrollHeight - 2) {
+                el.scrollTop += el.clientHeight * 0.8; moved = true;
+              }
+            }
+            return moved;""")
+        time.sleep(1.0)
+        seen += "\n" + browser.find_element(By.TAG_NAME, "body").text
+        if step == 0:
+            browser.save_screenshot(str(SHOTS / shot))
+        if not moved:
+            break
+    (SHOTS / f"{shot}.txt").write_text(seen)
+    return seen
+
+
+def test_a_training_run_shows_its_curves_its_logged_model_and_its_preview(jobs, trained, browser):
+    from selenium.webdriver.common.by import By
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    run = _run(jobs["client"], trained["train"])
+    assert [m.step for m in jobs["client"].get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert len(jobs["client"].get_metric_history(run.info.run_id, "val_miou")) == 2
+    base, query = trained["train"].split("?")
+    browser.get(trained["train"])
+    _wait_text(browser, "train voc/train segmenter")
+    _wait_text(browser, "Logged models")
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "model" in body.split("Logged models", 1)[1][:400]  # the logged model, listed on the run's page
+    browser.save_screenshot(str(SHOTS / "train-run.png"))
+    browser.get(f"{base}/model-metrics?{query}")  # the run's metric charts
+    _wait_text(browser, "val_iou")
+    # the charts render as they scroll into view: scroll the page through, as a person would
+    seen = _scroll_through(browser, "train-curves.png")
+    for curve in ("loss", "val_miou", "images_per_s"):
+        assert f"train voc/train segmenter open_clip:tiny ({curve})" in seen, f"no {curve} chart; see {SHOTS}"
+    assert browser.find_elements(By.CSS_SELECTOR, "canvas, svg .main-svg, .js-plotly-plot"), "no chart drawn"
+    browser.get(f"{base}/artifacts/preview.png?{query}")
+    _wait_text(browser, "per_class_val_iou.json")
+    _artifact_image_renders(browser, "train-preview.png")
+
+
+def test_a_predict_run_shows_its_scores_and_preview(jobs, trained, browser):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    run = _run(jobs["client"], trained["predict"])
+    assert 0 <= run.data.metrics["miou"] <= 1
+    browser.get(trained["predict"])
+    _wait_text(browser, "predict voc")
+    _wait_text(browser, "miou")
+    browser.save_screenshot(str(SHOTS / "predict-run.png"))
+    base, query = trained["predict"].split("?")
+    browser.get(f"{base}/artifacts/preview.png?{query}")
+    _wait_text(browser, "per_class_iou.json")
+    _artifact_image_renders(browser, "predict-preview.png")

@@ -2,6 +2,7 @@
 (entrypoints are real `wsss` commands with valid configs, the image's Ray is the pinned one, credentials
 only from Secrets); the cluster-launcher YAML through Ray's own config validation."""
 
+import functools
 import re
 import shlex
 from importlib.metadata import version
@@ -21,6 +22,7 @@ def documents() -> list[tuple[str, dict]]:
     return [(p.name, d) for p in MANIFESTS for d in yaml.safe_load_all(p.read_text()) if d]
 
 
+@functools.cache  # each CRD is over a megabyte of YAML
 def crd_schema(kind: str) -> dict:
     path = KUBERAY / f"ray.io_{kind.lower()}s.yaml"
     if not path.is_file():

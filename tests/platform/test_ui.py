@@ -319,6 +319,7 @@ def _scroll_through(browser, shot: str) -> str:
     return seen
 
 
+@pytest.mark.slow  # a training and a prediction run first (~3 min)
 def test_a_training_run_shows_its_curves_its_logged_model_and_its_preview(jobs, trained, browser):
     from selenium.webdriver.common.by import By
 
@@ -345,6 +346,7 @@ def test_a_training_run_shows_its_curves_its_logged_model_and_its_preview(jobs, 
     _artifact_image_renders(browser, "train-preview.png")
 
 
+@pytest.mark.slow  # a training and a prediction run first (~3 min)
 def test_a_predict_run_shows_its_scores_and_preview(jobs, trained, browser):
     SHOTS.mkdir(parents=True, exist_ok=True)
     run = _run(jobs["client"], trained["predict"])

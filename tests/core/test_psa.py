@@ -155,6 +155,28 @@ def test_affinitynet_features_and_affinity(backbone):
     torch.testing.assert_close(again(pixels), net.eval()(pixels))
 
 
+def test_affinitynet_input_scale_puts_a_vit_grid_at_stride_8():
+    import torch.nn.functional as F
+
+    from wsss_core.models.affinitynet import affinitynet_from_state, create_affinitynet
+
+    torch.manual_seed(7)
+    net = create_affinitynet("open_clip:tiny", pretrained="none", dims=(4, 4, 8), input_scale=2).eval()
+    pixels = torch.randn(1, 3, 64, 96)
+    f = net(pixels)
+    assert net.stride == 8 and f.shape[-2:] == (8, 12)  # a patch-16 tower on 8-pixel cells
+    # the same network at scale 1 reading the 2× image itself
+    plain = create_affinitynet("open_clip:tiny", pretrained="none", dims=(4, 4, 8)).eval()
+    plain.load_state_dict(net.state_dict())
+    up = F.interpolate(pixels, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(f, plain(up))
+    again = affinitynet_from_state({"affinitynet": net.spec, "model": net.state_dict()})
+    assert again.input_scale == 2 and again.stride == 8
+    torch.testing.assert_close(again(pixels), f)
+    old = {k: v for k, v in net.spec.items() if k != "input_scale"}  # a checkpoint from before the option
+    assert affinitynet_from_state({"affinitynet": old, "model": net.state_dict()}).input_scale == 1
+
+
 def test_random_walk_refiner_on_probabilities():
     import torch.nn.functional as F
 

@@ -7,6 +7,10 @@
 Features of several depths of the backbone (PSA: ResNet-38's last three stages) are each reduced
 by a bias-free 1×1 conv + ELU (to 64, 128 and 256 channels), resized to the finest grid, concatenated
 and mixed by one more 1×1 conv + ELU. The affinity itself is :func:`wsss_core.refine.random_walk.pair_affinity`.
+
+PSA's grid is stride 8 (56² cells for a 448² crop); a ViT's is its patch (16). ``input_scale`` 2 has the
+network read the image upsampled 2× (positional embedding resized), so a ViT tower's cells are 8 image
+pixels: boundaries twice as fine for the walk, at the backbone's cost of 4× the tokens.
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ class AffinityNet(nn.Module):
     Args:
         backbone: a :class:`wsss_core.models.backbones.Backbone` returning one map per depth.
         dims: the reduced channels of each depth (PSA: 64, 128, 256).
+        input_scale: the pixels are resized by it before the backbone (2: a ViT's grid at stride 8).
     """
 
-    def __init__(self, backbone: nn.Module, dims: Sequence[int] = (64, 128, 256)) -> None:
+    def __init__(self, backbone: nn.Module, dims: Sequence[int] = (64, 128, 256), input_scale: float = 1.0) -> None:
         super().__init__()
+        if input_scale <= 0:
+            raise ValueError(f"input_scale must be > 0, not {input_scale}")
+        self.input_scale = float(input_scale)
         if len(dims) != len(backbone.channels):
             raise ValueError(f"dims {tuple(dims)}: one per backbone depth ({len(backbone.channels)})")
         self.backbone = backbone
@@ -50,11 +58,15 @@ class AffinityNet(nn.Module):
         return (x - self.mean) / self.std
 
     @property
-    def stride(self) -> int:
-        return int(self.backbone.stride)
+    def stride(self) -> float:
+        """Image pixels per feature cell."""
+        return self.backbone.stride / self.input_scale
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels [B, 3, H, W] -> features [B, D, h, w] on the finest of the backbone's grids."""
+        """Normalised pixels [B, 3, H, W] -> features [B, D, h, w] on the finest of the backbone's grids
+        (h ≈ H · input_scale / backbone stride)."""
+        if self.input_scale != 1.0:
+            pixels = F.interpolate(pixels, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
         maps = self.backbone(pixels)
         size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
         reduced = [F.elu(conv(m)) for conv, m in zip(self.reduce, maps, strict=True)]
@@ -75,16 +87,19 @@ class AffinityNet(nn.Module):
 
 
 def create_affinitynet(backbone: str, pretrained: WeightsSource = None, depths: Sequence[int] = (-3, -2, -1),
-                       dims: Sequence[int] = (64, 128, 256), output_stride: int = 8) -> AffinityNet:
+                       dims: Sequence[int] = (64, 128, 256), output_stride: int = 8,
+                       input_scale: float = 1.0) -> AffinityNet:
     """AffinityNet on a timm CNN (dilated to ``output_stride``), a timm ViT or ``open_clip:<name>``
-    (a CLIP visual tower; ``depths`` are then blocks). ``net.spec`` rebuilds it (:func:`affinitynet_from_state`)."""
+    (a CLIP visual tower; ``depths`` are then blocks), reading images resized by ``input_scale``.
+    ``net.spec`` rebuilds it (:func:`affinitynet_from_state`)."""
     if len(depths) != len(dims):
         raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must pair up")
     bb = create_backbone(backbone, pretrained, output_stride=output_stride, out_indices=tuple(depths))
     if len(bb.channels) != len(depths):
         raise ValueError(f"depths {tuple(depths)}: {backbone} gives {len(bb.channels)} distinct depths of them")
-    net = AffinityNet(bb, dims)
-    net.spec = {"backbone": backbone, "depths": list(depths), "dims": list(dims), "output_stride": output_stride}
+    net = AffinityNet(bb, dims, input_scale)
+    net.spec = {"backbone": backbone, "depths": list(depths), "dims": list(dims), "output_stride": output_stride,
+                "input_scale": float(input_scale)}
     return net
 
 
@@ -94,6 +109,7 @@ def affinitynet_from_state(state: Mapping[str, Any]) -> AffinityNet:
     if not isinstance(spec, Mapping) or "model" not in state:
         raise ValueError("not an AffinityNet checkpoint (it has no 'affinitynet' spec and 'model' weights): give "
                          "the output of `wsss train affinity`")
-    net = create_affinitynet(spec["backbone"], None, spec["depths"], spec["dims"], int(spec["output_stride"]))
+    net = create_affinitynet(spec["backbone"], None, spec["depths"], spec["dims"], int(spec["output_stride"]),
+                             float(spec.get("input_scale", 1.0)))  # checkpoints before input_scale: 1
     net.load_state_dict(state["model"])
     return net.eval()

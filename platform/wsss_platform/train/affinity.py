@@ -113,7 +113,7 @@ class AffinityRecipe:
         from wsss_core.models.affinitynet import create_affinitynet
 
         m = self.cfg.model
-        return create_affinitynet(m.backbone, weights, m.depths, m.dims, m.output_stride)
+        return create_affinitynet(m.backbone, weights, m.depths, m.dims, m.output_stride, m.input_scale)
 
     def network(self, module: torch.nn.Module) -> torch.nn.Module:
         return module

@@ -197,6 +197,9 @@ class AffinityModel(Section):
     """Each depth's channels after its 1×1 reduction (PSA's)."""
     output_stride: Literal[8, 16] = 8
     """CNN backbones only."""
+    input_scale: float = Field(1.0, gt=0, le=4)
+    """The network reads images resized by it: 2 puts a patch-16 ViT's grid at PSA's stride 8 (finer
+    walks, 4× the tokens); train on crops of ``crop_size`` / 2 to keep the cost of a step."""
 
     @model_validator(mode="after")
     def _pairs(self) -> AffinityModel:

@@ -29,7 +29,7 @@ def affinity_trained(labelled, labelled_cams, tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", db)
         summary = run_train(build_config(AffinityConfig, {}, [
             f"dataset.uri={labelled / 'voc'}", f"output={root / 'affinity'}", f"train.cams={cams}", *TINY_AFFINITY,
-            "train.iterations=4", "train.checkpoint_every=2", "train.eval_every=2"]))
+            "train.iterations=4", "train.checkpoint_every=2", "train.eval_every=2", "model.input_scale=2"]))
     return root, summary, db
 
 
@@ -53,6 +53,7 @@ def test_train_affinity_logs_its_three_terms_both_scores_and_an_affinity_preview
         assert im.size == (5 * 160, 4 * 192)  # image | affinity | CAM mask | random walk | ground truth, 4 images
     state = torch.load(f"{summary.checkpoint}/checkpoint.pt", weights_only=True)
     assert state["iteration"] == 4 and state["affinitynet"]["dims"] == [8, 8, 16]
+    assert state["affinitynet"]["input_scale"] == 2  # the walk reads the images as the network was trained
     from wsss_platform.train.checkpoint import load_segmenter
 
     with pytest.raises(ValueError, match=r"is a affinitynet checkpoint, not a segmenter.s: .*random_walk.checkpoint"):

@@ -45,6 +45,9 @@ def write(tmp_path, space, **extra):
     ({"refine": {"choices": [["crf", "caa"]]}}, "search_space.refine", "must come before 'crf'"),
     ({"refine": {"choices": ["caa"]}}, "search_space.refine", "a list of refiner names"),
     ({"cam_source": {"choices": ["clip_es", "psa"]}}, "search_space.cam_source", "unknown CAM source 'psa'"),
+    ({"random_walk.beta": {"choices": [8, 32]}}, "search_space.random_walk.beta", "no trial runs random_walk"),
+    ({"refine": {"choices": [["caa"], []]}, "crf.iterations": {"choices": [5, 10]}}, "search_space.crf.iterations",
+     "search refine lists that include it"),
 ])
 def test_bad_declarations_name_the_key(tmp_path, space, key, words):
     with pytest.raises(ConfigError) as e:

@@ -228,6 +228,7 @@ def parse_search_space(space: dict[str, Any], label: LabelConfig) -> list[Dim]:
             replaced = REPLACED.get(tuple(key.split(".", 1)))  # type: ignore[arg-type]
             hint = f" ({replaced}; search it as refine: {{choices: [[caa], [caa, crf]]}})" if replaced else ""
             raise ConfigError(f"search_space.{key}: unknown key{hint}; sweepable keys: {', '.join(keys)}")
+    _check_refiners_run(space, label)
     dims: list[Dim] = []
     rule_dim = None
     if "mask.bg_rule" in space:
@@ -253,6 +254,20 @@ def parse_search_space(space: dict[str, Any], label: LabelConfig) -> list[Dim]:
                     _check_value(base, key, v, f"value for rule {r}:", {"mask.bg_rule": r})
         dims.append(dim)
     return dims
+
+
+def _check_refiners_run(space: dict[str, Any], label: LabelConfig) -> None:
+    """A refiner's key searched while no trial runs that refiner gives trials that differ in nothing."""
+    from wsss_core.registry import REFINERS
+
+    decl = space.get("refine")
+    lists = decl["choices"] if isinstance(decl, dict) and isinstance(decl.get("choices"), list) else [label.refine]
+    used = {name for names in lists for name in (names if isinstance(names, list | tuple) else [names])}
+    for key in space:
+        section = key.split(".", 1)[0]
+        if section in REFINERS and section not in used:
+            raise ConfigError(f"search_space.{key}: no trial runs {section} (label.refine is {label.refine}): add it "
+                              f"to label.refine, or search refine lists that include it")
 
 
 def train_sweepable_keys() -> list[str]:

@@ -171,5 +171,10 @@ def test_two_nodes_keep_identical_parameters_and_the_loss_falls(recipe, tmp_path
     assert seen["backend"] == "gloo" and len(set(seen["nodes"])) == 2
     assert len(seen["max_param_diff"]) == 16 and max(seen["max_param_diff"]) == 0.0
     losses = seen["losses"]
-    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    if recipe == "affinity":
+        # its loss mixes three means over whichever pairs a batch's crops hold (of noise CAMs here), so it jumps
+        # between batches: it must fall on the same batch
+        assert seen["first_batch_after"] < 0.8 * losses[0], (losses, seen["first_batch_after"])
+    else:
+        assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
 

@@ -32,10 +32,11 @@ def per_worker(config):
     model, optimizer, scheduler = loop.build(recipe, config["num_classes"], None)
     nodes = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    losses, diffs = [], []
+    losses, diffs, first = [], [], None
     shard = ray.train.get_dataset_shard("train")
     while len(losses) < cfg.train.iterations:
         for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True):
+            first = batch if first is None else first
             terms = loop.step(recipe, model, optimizer, scheduler, batch, None, torch.device("cpu"))
             # ToCo: the classification term (its contrast terms need not fall within 16 steps of a random model)
             losses.append(terms.get("loss/cls", terms["loss"]))
@@ -45,10 +46,12 @@ def per_worker(config):
             diffs.append(max(float((w - every[0]).abs().max()) for w in every))
             if len(losses) == cfg.train.iterations:
                 break
+    with torch.no_grad():  # the first batch again, with the trained parameters
+        again = recipe.losses(model, first, len(losses), torch.device("cpu"))
     if dist.get_rank() == 0:
         with open(config["result"], "w") as f:
-            json.dump({"nodes": nodes, "losses": losses, "max_param_diff": diffs,
-                       "backend": dist.get_backend()}, f)
+            json.dump({"nodes": nodes, "losses": losses, "max_param_diff": diffs, "backend": dist.get_backend(),
+                       "first_batch_after": float(again.get("loss/cls", again["loss"]))}, f)
     ray.train.report({"done": 1})
 
 
@@ -59,7 +62,7 @@ SETTINGS = {
     "toco": ["train.batch_size=2", "train.crop_size=64", "train.local_crop_size=32", "train.local_crops=2",
              "train.lr=0.001", "train.warmup_iterations=0", "train.seg_from=0", "train.cam_scales=[1.0]",
              "model.proj_dim=64"],
-    "affinity": ["train.batch_size=4", "train.crop_size=64", "train.optimizer=adamw", "train.lr=0.001",
+    "affinity": ["train.batch_size=4", "train.crop_size=64", "train.optimizer=adamw", "train.lr=0.0003",
                  "train.radius=3", "model.dims=[8, 8, 16]"],
 }
 

@@ -48,9 +48,8 @@ VARIANTS = {
 
 
 @torch.no_grad()
-def token_similarity(net: ToCo, images: int = 60) -> tuple[float, float]:
-    """Mean cosine of the final layer's patch tokens: (object vs background, within one object)."""
-    ds = open_dataset(DatasetConfig(uri=DATA, split="val"))
+def token_similarity(net: ToCo, ds, images: int = 60) -> tuple[float, float]:
+    """Mean cosine of the final layer's patch tokens on ``ds``: (object vs background, within one object)."""
     net.eval()
     fg_bg, same = [], []
     for image_id in ds.ids[:images]:
@@ -67,7 +66,7 @@ def token_similarity(net: ToCo, images: int = 60) -> tuple[float, float]:
     return float(np.mean(fg_bg)), float(np.mean(same))
 
 
-def train(workdir: str, i: int, overrides: list[str], args: argparse.Namespace) -> tuple[dict[str, float], float]:
+def train(workdir: str, i: int, overrides: list[str], args: argparse.Namespace, val) -> tuple[dict[str, float], float]:
     out = os.path.join(workdir, f"toco-{i}")
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(ToCoConfig, CONFIG, [
@@ -79,7 +78,7 @@ def train(workdir: str, i: int, overrides: list[str], args: argparse.Namespace) 
     summary = run_train(cfg, log=lambda s: None)
     secs = time.perf_counter() - t0
     net, _ = ToCoRecipe(cfg).load(summary.checkpoint, None)
-    return summary.metrics | dict(zip(("fg_bg", "same"), token_similarity(net), strict=True)), secs
+    return summary.metrics | dict(zip(("fg_bg", "same"), token_similarity(net, val), strict=True)), secs
 
 
 def main() -> int:
@@ -101,16 +100,17 @@ def main() -> int:
         f"dataset.uri={DATA}", "dataset.split=val", f"output={os.path.join(args.workdir, 'clip-es-val')}", "refine=[]",
         "tracking.enabled=false", "cache=none", "overwrite=true", f"compute.torch_threads={args.threads}",
         f"compute.cpus_per_actor={args.threads}"]), log=lambda s: None)
-    m = load_config(ToCoConfig, CONFIG).model
-    tower = token_similarity(create_toco(m.backbone, 10, m.pretrained, m.aux_layer, m.proj_dim))
+    base, val = load_config(ToCoConfig, CONFIG), open_dataset(DatasetConfig(uri=DATA, split="val"))
+    m = base.model
+    tower = token_similarity(create_toco(m.backbone, len(val.classes.names), m.pretrained, m.aux_layer, m.proj_dim), val)
     rows = [("CLIP-ES raw CAM (Softmax-GradCAM, tiny CLIP)", clip_es.miou_raw, None, time.perf_counter() - t0, tower)]
     for i, (name, overrides) in enumerate(VARIANTS.items()):
-        metrics, secs = train(args.workdir, i, overrides, args)
+        metrics, secs = train(args.workdir, i, overrides, args, val)
         rows.append((name, metrics["val_cam_miou"], metrics["val_seg_miou"], secs, (metrics["fg_bg"], metrics["same"])))
         print(f"{name}: CAM {metrics['val_cam_miou']:.4f}, head {metrics['val_seg_miou']:.4f}, token cosine object–background "
               f"{metrics['fg_bg']:.3f} ({secs:.0f}s)", flush=True)
     total = time.perf_counter() - t_start
-    t = load_config(ToCoConfig, CONFIG).train
+    t = base.train
     print(f"\nsynthshapes trainval ({args.train_images} train images, 200 val), tiny CLIP; {platform.machine()} CPU, "
           f"{args.threads} torch threads, torch {torch.__version__}; ToCo: tiny CLIP visual tower, {args.iterations} "
           f"iterations × batch {t.batch_size} of {t.crop_size}² crops at scale {t.scale_range}, {t.optimizer} lr {t.lr} "

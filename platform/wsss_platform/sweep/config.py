@@ -228,7 +228,6 @@ def parse_search_space(space: dict[str, Any], label: LabelConfig) -> list[Dim]:
             replaced = REPLACED.get(tuple(key.split(".", 1)))  # type: ignore[arg-type]
             hint = f" ({replaced}; search it as refine: {{choices: [[caa], [caa, crf]]}})" if replaced else ""
             raise ConfigError(f"search_space.{key}: unknown key{hint}; sweepable keys: {', '.join(keys)}")
-    _check_refiners_run(space, label)
     dims: list[Dim] = []
     rule_dim = None
     if "mask.bg_rule" in space:
@@ -253,16 +252,18 @@ def parse_search_space(space: dict[str, Any], label: LabelConfig) -> list[Dim]:
                 for v in (dim.choices or (dim.low, dim.high)):
                     _check_value(base, key, v, f"value for rule {r}:", {"mask.bg_rule": r})
         dims.append(dim)
+    _check_refiners_run(space, label, next((d for d in dims if d.name == "refine"), None))
     return dims
 
 
-def _check_refiners_run(space: dict[str, Any], label: LabelConfig) -> None:
-    """A refiner's key searched while no trial runs that refiner gives trials that differ in nothing."""
+def _check_refiners_run(space: dict[str, Any], label: LabelConfig, refine: Dim | None) -> None:
+    """A refiner's key searched while no trial runs that refiner gives trials that differ in nothing.
+
+    ``refine``: the parsed ``refine`` dimension (its choices joined by ``REFINE_SEP``), if searched."""
     from wsss_core.registry import REFINERS
 
-    decl = space.get("refine")
-    lists = decl["choices"] if isinstance(decl, dict) and isinstance(decl.get("choices"), list) else [label.refine]
-    used = {name for names in lists for name in (names if isinstance(names, list | tuple) else [names])}
+    lists = [c.split(REFINE_SEP) for c in refine.choices] if refine else [label.refine]
+    used = {name for names in lists for name in names}
     for key in space:
         section = key.split(".", 1)[0]
         if section in REFINERS and section not in used:

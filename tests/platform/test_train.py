@@ -66,6 +66,41 @@ def test_missing_pseudo_masks_and_too_many_cpus_fail_clearly(labelled, tmp_path,
                                                  "compute.num_workers=64"]))
 
 
+def _ray_log_lines(needle: str) -> list[str]:
+    """The lines of this Ray session's process logs (drivers, workers, Train's controller) holding ``needle``."""
+    import pathlib
+
+    import ray
+
+    logs = pathlib.Path(ray._private.worker._global_node.get_logs_dir_path())
+    return [line for f in logs.glob("*") if f.is_file() for line in f.read_text(errors="replace").splitlines()
+            if needle in line]
+
+
+def test_checkpoints_between_validations_rank_below_validated_ones_without_errors(labelled, tmp_path, ray_local):
+    """checkpoint_every < eval_every: the unvalidated checkpoints carry the score -inf, so Train's
+    checkpoint manager keeps the validated best and the latest, and logs no 'Result dict has no key'."""
+    import time
+
+    import torch
+
+    from wsss_platform import storage
+
+    before = len(_ray_log_lines("Result dict has no key"))
+    out = tmp_path / "seg"
+    summary = run_train(build_config(TrainConfig, {}, [
+        f"dataset.uri={labelled / 'voc'}", f"train.pseudo_masks={labelled / 'labels'}", f"output={out}", *TINY_TRAIN,
+        "compute.num_workers=1", "tracking.enabled=false", "train.iterations=5", "train.checkpoint_every=1",
+        "train.eval_every=2", "compute.checkpoints_to_keep=2"]))
+    assert summary.iterations == 5 and summary.val_miou is not None and summary.val_miou >= 0
+    kept = {torch.load(storage.join(p, "checkpoint.pt"), weights_only=True)["iteration"]
+            for p in map(str, (out / "train").glob("checkpoint_2*"))}
+    # 5 (the latest, validated as the last) and the better of the validated 2 and 4, never 1 or 3
+    assert 5 in kept and len(kept) == 2 and kept <= {2, 4, 5}, kept
+    time.sleep(2)  # the controller's log file is flushed by its process
+    assert len(_ray_log_lines("Result dict has no key")) == before
+
+
 
 def _kill_a_worker_after_a_registered_checkpoint(out: str, killed: list[int]) -> None:
     """Wait until Train's controller has taken a checkpoint (it then writes its snapshot next to the

@@ -87,6 +87,13 @@ def report(metrics: dict[str, float], recipe: Recipe | None = None, model=None, 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+def scored(metrics: dict[str, float], score: str, validated_ever: bool) -> dict[str, float]:
+    """A checkpoint's report with the key Train ranks checkpoints by: one taken between validations
+    scores -inf, below every validated one (without the key Train's checkpoint manager logs an
+    error for each such report, and ranks it the same)."""
+    return metrics if not validated_ever or score in metrics else {**metrics, score: float("-inf")}
+
+
 class StepLog:
     """Rank 0's per-step loss and LR into the job's MLflow run, sent at each checkpoint, once per step.
 
@@ -172,7 +179,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics |= recipe.validation(model, val_ds, config, device, final=it == t.iterations)
             checkpoint = it % t.checkpoint_every == 0 or it == t.iterations
             if checkpoint:
-                report(metrics, recipe, model, optimizer, scheduler, it, spec)
+                report(scored(metrics, recipe.score, bool(config["val_ids"])), recipe, model, optimizer, scheduler, it,
+                       spec)
             log.add(metrics, it, flush=checkpoint)  # after the checkpoint is saved
             if rank0:
                 live_metrics.record_train_step(config["recipe"], metrics, ray.train.get_context().get_world_size())

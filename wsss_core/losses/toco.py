@@ -53,15 +53,20 @@ def par_seg_labels(images: torch.Tensor, cam: torch.Tensor, labels: torch.Tensor
     h, w = images.shape[-2:]
     small = (h // down_scale, w // down_scale)
     img = F.interpolate(images.float(), size=small, mode="bilinear", align_corners=False)
-    present = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1).bool()[:, :, None, None]
+    present = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1).bool()  # [B, 1 + C]
+    # PAR only on the background and the present classes (absent ones would stay 0 anyway): each image's
+    # present channels first, padded to the batch's largest count; ``keep`` maps them back to class ids.
+    keep = present.int().argsort(dim=1, descending=True, stable=True)[:, :int(present.sum(1).max())]  # [B, k]
+    kept = present.gather(1, keep)[:, :, None, None]
     out = []
     for bg in (high, low):
         scores = torch.cat([torch.full_like(cam[:, :1], bg), cam], dim=1)
         scores = F.interpolate(scores, size=small, mode="bilinear", align_corners=False)
-        probs = scores.masked_fill(~present, float("-inf")).softmax(dim=1)  # absent classes: 0, and stay 0
+        scores = scores.gather(1, keep[:, :, None, None].expand(-1, -1, *small))
+        probs = scores.masked_fill(~kept, float("-inf")).softmax(dim=1)  # padding: 0, and stays 0
         refined = F.interpolate(par(img, probs, dilations, iterations), size=(h, w), mode="bilinear",
                                 align_corners=False)
-        out.append(refined.masked_fill(~present, float("-inf")).argmax(dim=1))
+        out.append(keep.gather(1, refined.masked_fill(~kept, float("-inf")).argmax(dim=1).flatten(1)).view(-1, h, w))
     by_high, by_low = out
     return torch.where(by_high != 0, by_high, torch.where(by_low == 0, 0, IGNORE))
 

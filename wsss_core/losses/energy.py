@@ -34,10 +34,13 @@ def bilateral_filter(images: torch.Tensor, maps: torch.Tensor, sigma_rgb: float,
     xy = torch.stack([ys, xs]).flatten(1).T.to(maps.dtype) / sigma_xy  # [N, 2]
     feats = torch.cat([xy.expand(b, -1, -1), images.flatten(2).transpose(1, 2).to(maps.dtype) / sigma_rgb], -1)
     values = maps.flatten(2)  # [B, K, N]
+    sq = feats.pow(2).sum(-1)  # [B, N]
     out = []
     for start in range(0, h * w, chunk):
         rows = feats[:, start:start + chunk]  # [B, n, 5]
-        kernel = torch.exp(-0.5 * torch.cdist(rows, feats).pow(2))  # [B, n, N]
+        # exp(-|a - b|²/2) = exp(a·b - |a|²/2 - |b|²/2): one batched matmul, no square root (cdist's)
+        kernel = torch.baddbmm(-0.5 * sq[:, start:start + chunk, None] - 0.5 * sq[:, None], rows,
+                               feats.transpose(1, 2)).clamp_max_(0).exp_()  # [B, n, N]
         out.append(torch.einsum("bnm,bkm->bkn", kernel, values))
     return torch.cat(out, dim=-1).view(b, k, h, w)
 

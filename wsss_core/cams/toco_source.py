@@ -76,8 +76,9 @@ class ToCoSource:
             x = F.interpolate(x, size=grid, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         return (x - self.net.mean) / self.net.std
 
-    def maps(self, pixels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels, bool [B, C] present classes -> [B, C, h, w] per-class maps in [0, 1]."""
+    def maps(self, pixels: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised pixels, bool [B, C] present classes -> [B, C, h, w] per-class maps in [0, 1] and the
+        classifier's logits [B, C] (from a forward pass the maps already ran, where they run one)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -88,8 +89,8 @@ class ToCoSource:
             present[i, [c - 1 for c in ls]] = True
         keys = attn_layers_of(aux)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            maps = self.maps(pixels, present).float()
-            scores = self.net(pixels)["logits"].float().sigmoid()
+            maps, logits = self.maps(pixels, present)
+            maps, scores = maps.float(), logits.float().sigmoid()
             attn = self.net.backbone.attention(pixels, sorted(set(keys.values()))) if keys else {}
         out = []
         for i, ls in enumerate(labels):
@@ -115,9 +116,10 @@ class ToCoSource:
 class ToCoCams(ToCoSource):
     """The final classifier's CAM, multi-scale + flip, min–max per class (``toco_cam``)."""
 
-    def maps(self, pixels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def maps(self, pixels: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grid = (pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch)
-        return toco_cam(lambda p: self.net.cams(p)[0], pixels, self.scales, flip=True, size=grid)
+        cam = toco_cam(lambda p: self.net.cams(p)[0], pixels, self.scales, flip=True, size=grid)
+        return cam, self.net(pixels)["logits"]
 
 
 @CAM_SOURCES.register("toco_seg")
@@ -126,9 +128,10 @@ class ToCoSegmentation(ToCoSource):
     averaged with the mirror: a class's map is its probability, so the background rule at 0.5 keeps
     a pixel for a class that wins at least half of it."""
 
-    def maps(self, pixels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def maps(self, pixels: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = pixels.shape[0]
-        seg = self.net(torch.cat([pixels, pixels.flip(-1)]))["seg"].float()
+        out = self.net(torch.cat([pixels, pixels.flip(-1)]))
+        seg = out["seg"].float()
         seg = (seg[:b] + seg[b:].flip(-1)) / 2
         keep = torch.cat([torch.ones_like(present[:, :1]), present], dim=1)[:, :, None, None]
-        return seg.masked_fill(~keep, float("-inf")).softmax(1)[:, 1:]
+        return seg.masked_fill(~keep, float("-inf")).softmax(1)[:, 1:], out["logits"][:b]

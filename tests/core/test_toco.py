@@ -177,6 +177,9 @@ def test_toco_cam_multi_scale_flip_matches_the_loop_reference():
             t = total[c] - total[c].min()
             torch.testing.assert_close(got[b, c], t / (t.max() + 1e-5), rtol=1e-4, atol=1e-5)
     assert got.min() >= 0 and got.max() < 1
+    # the caller's own scale-1 CAM stands in for that pass; a wrong one shows
+    torch.testing.assert_close(toco_cam(cam_fn, pixels, (1.0, 0.5, 1.5), flip=True, known=cam_fn(pixels)), got)
+    assert not torch.allclose(toco_cam(cam_fn, pixels, (1.0, 0.5, 1.5), flip=True, known=cam_fn(pixels) + 1), got)
 
 
 def _ctc_reference(student, teacher, flags, temp):

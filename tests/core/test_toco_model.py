@@ -123,6 +123,9 @@ def test_toco_objective_terms_weights_and_gradients():
     with torch.no_grad():  # a student head that has moved from its teacher
         for p in net.proj.parameters():
             p.add_(0.1)
+    # the training CAMs take scale 1 from the step's own forward pass: the same as passes of their own
+    for fresh, reused in zip(objective.cams(net, pixels), objective.cams(net, pixels, net(pixels)), strict=True):
+        torch.testing.assert_close(reused, fresh, rtol=1e-4, atol=1e-5)
     teacher_before = [p.detach().clone() for p in net.proj_teacher.parameters()]
     student_before = [p.detach().clone() for p in net.proj.parameters()]
     terms = objective(net, pixels, labels, iteration=0, generator=torch.Generator().manual_seed(0))

@@ -29,7 +29,7 @@ def class_activation(tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 def toco_cam(cam_fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
              scales: Sequence[float] = (1.0, 0.5, 1.5), flip: bool = True,
-             size: tuple[int, int] | None = None) -> torch.Tensor:
+             size: tuple[int, int] | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-scale (+ flip) CAMs, min–max normalised per image and class.
 
     Args:
@@ -38,6 +38,8 @@ def toco_cam(cam_fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tenso
         scales: reference (1.0, 0.5, 1.5); each resized with ``int(s · H) × int(s · W)``.
         flip: also the mirrored image, combined by the element-wise max.
         size: where the scales meet (default (H, W); a labeling source uses the token grid).
+        known: ``cam_fn(pixels)`` [B, C, h', w'] where the caller has it already (training: the CAM of
+            the forward pass that takes the gradient); then scale 1 runs only the mirror.
 
     Returns:
         [B, C, *size] in [0, 1): ``(cam − min) / (max − min + 1e-5)`` of the sum over scales.
@@ -48,8 +50,11 @@ def toco_cam(cam_fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tenso
     for s in scales:
         x = pixels if s == 1 else F.interpolate(pixels, size=(int(s * h), int(s * w)), mode="bilinear",
                                                 align_corners=False)
-        cam = F.interpolate(cam_fn(torch.cat([x, x.flip(-1)]) if flip else x), size=out_size, mode="bilinear",
-                            align_corners=False)
+        if s == 1 and known is not None:
+            cam = torch.cat([known, cam_fn(x.flip(-1))]) if flip else known
+        else:
+            cam = cam_fn(torch.cat([x, x.flip(-1)]) if flip else x)
+        cam = F.interpolate(cam, size=out_size, mode="bilinear", align_corners=False)
         cam = torch.maximum(cam[:b], cam[b:].flip(-1)) if flip else cam
         total = cam.relu() if total is None else total + cam.relu()
     assert total is not None, "scales is empty"

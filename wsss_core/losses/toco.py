@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_core.cams.toco_cam import toco_cam
+from wsss_core.cams.toco_cam import class_activation, toco_cam
 from wsss_core.losses.energy import dense_energy_loss
 from wsss_core.losses.seg import balanced_seg_loss
 from wsss_core.losses.token_contrast import (
@@ -92,11 +92,16 @@ class ToCoObjective:
     par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
     par_iterations: int = 10
 
-    def cams(self, net, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The final and auxiliary multi-scale + flip CAMs [B, C, H, W], without gradients."""
+    def cams(self, net, pixels: torch.Tensor, out: dict[str, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final and auxiliary multi-scale + flip CAMs [B, C, H, W], without gradients; ``out``, the
+        network's forward pass on ``pixels``, gives the unflipped scale 1 without another pass."""
         c = net.classifier.out_channels
         with torch.no_grad():
-            both = toco_cam(lambda p: torch.cat(net.cams(p), dim=1), pixels, self.cam_scales, flip=True)
+            known = None if out is None else torch.cat(
+                [class_activation(out["tokens"].detach(), net.classifier.weight),
+                 class_activation(out["aux_tokens"].detach(), net.aux_classifier.weight)], dim=1)
+            both = toco_cam(lambda p: torch.cat(net.cams(p), dim=1), pixels, self.cam_scales, flip=True, known=known)
         return both[:, :c], both[:, c:]
 
     def __call__(self, net, pixels: torch.Tensor, labels: torch.Tensor, iteration: int,
@@ -125,8 +130,8 @@ class ToCoObjective:
             data-parallel training sees a gradient (zero) for every parameter at every step.
         """
         labels = labels.float()
-        cam, cam_aux = self.cams(net, pixels)
         out = net(pixels)
+        cam, cam_aux = self.cams(net, pixels, out)
         terms = {"cls": F.multilabel_soft_margin_loss(out["logits"], labels),
                  "aux": F.multilabel_soft_margin_loss(out["aux_logits"], labels)}
         tokens = out["tokens"]

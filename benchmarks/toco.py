@@ -71,9 +71,9 @@ def token_similarity(net: ToCo, ds, images: int = 60) -> tuple[float, float]:
     return float(np.mean(fg_bg)), float(np.mean(same))
 
 
-def train(workdir: str, name: str, seed: int, overrides: list[str], args: argparse.Namespace,
+def train(workdir: str, i: int, seed: int, overrides: list[str], args: argparse.Namespace,
           val) -> tuple[dict[str, float], float]:
-    out = os.path.join(workdir, f"toco-{name[1]}-seed{seed}")
+    out = os.path.join(workdir, f"toco-{i}-seed{seed}")
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(ToCoConfig, CONFIG, [
         f"dataset.uri={DATA}", f"dataset.limit={args.train_images}", f"output={out}",
@@ -134,10 +134,10 @@ def main() -> int:
     tower = token_similarity(create_toco(m.backbone, len(val.classes.names), m.pretrained, m.aux_layer, m.proj_dim), val)
     rows = [("CLIP-ES raw CAM (Softmax-GradCAM, tiny CLIP)", [clip_es.miou_raw], None, [tower[0]], [tower[1]],
              time.perf_counter() - t_start)]
-    for name, overrides in VARIANTS.items():
+    for i, (name, overrides) in enumerate(VARIANTS.items()):
         runs = []
         for seed in range(args.runs):
-            metrics, secs = train(args.workdir, name, seed, overrides, args, val)
+            metrics, secs = train(args.workdir, i, seed, overrides, args, val)
             runs.append((metrics, secs))
             print(f"{name}, seed {seed}: CAM {metrics['val_cam_miou']:.4f}, head {metrics['val_seg_miou']:.4f}, token "
                   f"cosine object–background {metrics['fg_bg']:.3f} ({secs:.0f}s)", flush=True)

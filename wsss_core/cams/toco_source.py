@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_core.cams.clip_source import DTYPES, Precision, attn_layers_of
-from wsss_core.cams.toco_cam import class_activation, toco_cam
+from wsss_core.cams.toco_cam import toco_cam
 from wsss_core.classes import ClassSet
 from wsss_core.maps import size_batches
 from wsss_core.registry import CAM_SOURCES
@@ -120,7 +120,7 @@ class ToCoCams(ToCoSource):
         grid = (pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch)
         out = self.net(pixels)  # the class scores, and the CAM's unflipped scale 1 from the same pass
         cam = toco_cam(lambda p: self.net.cams(p)[0], pixels, self.scales, flip=True, size=grid,
-                       known=class_activation(out["tokens"], self.net.classifier.weight))
+                       known=self.net.cams_of(out["tokens"], out["aux_tokens"])[0])
         return cam, out["logits"]
 
 

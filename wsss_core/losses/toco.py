@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_core.cams.toco_cam import class_activation, toco_cam
+from wsss_core.cams.toco_cam import toco_cam
 from wsss_core.losses.energy import dense_energy_loss
 from wsss_core.losses.seg import balanced_seg_loss
 from wsss_core.losses.token_contrast import (
@@ -98,9 +98,7 @@ class ToCoObjective:
         network's forward pass on ``pixels``, gives the unflipped scale 1 without another pass."""
         c = net.classifier.out_channels
         with torch.no_grad():
-            known = None if out is None else torch.cat(
-                [class_activation(out["tokens"].detach(), net.classifier.weight),
-                 class_activation(out["aux_tokens"].detach(), net.aux_classifier.weight)], dim=1)
+            known = None if out is None else torch.cat(net.cams_of(out["tokens"], out["aux_tokens"]), dim=1)
             both = toco_cam(lambda p: torch.cat(net.cams(p), dim=1), pixels, self.cam_scales, flip=True, known=known)
         return both[:, :c], both[:, c:]
 

@@ -98,6 +98,11 @@ class ToCo(nn.Module):
     def cams(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The final and the auxiliary CAM [B, C, h, w] (ReLU of the classifiers on every token)."""
         (aux_tokens, tokens), _ = self.backbone.forward_with_cls(pixels)
+        return self.cams_of(tokens, aux_tokens)
+
+    def cams_of(self, tokens: torch.Tensor, aux_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`cams` from the tokens [B, D, h, w] of a forward pass already run (``forward``'s
+        ``tokens`` and ``aux_tokens``)."""
         return class_activation(tokens, self.classifier.weight), class_activation(aux_tokens, self.aux_classifier.weight)
 
     def class_tokens(self, crops: torch.Tensor) -> torch.Tensor:

@@ -133,17 +133,18 @@ class LocalCluster:
 
 
 def processes(cluster_id: str) -> list:
-    """Every live process whose environment carries this cluster's id: what its nodes started."""
+    """Every live process whose environment carries this cluster's id, and their descendants: what its
+    nodes started (each raylet starts its dashboard and runtime-env agents with an environment of its own)."""
     import psutil
 
-    out = []
+    out: dict[int, psutil.Process] = {}
     for p in psutil.process_iter():
         try:
             if p.pid != os.getpid() and p.environ().get(MARKER) == cluster_id and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
+                out |= {q.pid: q for q in (p, *p.children(recursive=True)) if q.pid != os.getpid()}
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    return out
+    return list(out.values())
 
 
 def stop(cluster_id: str, grace: float = 15.0) -> int:
@@ -244,6 +245,8 @@ def describe(cluster: LocalCluster) -> str:
 
 
 def status(state_dir: Path) -> str:
+    import psutil
+
     cluster = LocalCluster.load(state_dir)
     if cluster is None:
         raise ClusterError(f"no cluster started from {state_dir}: `wsss cluster up --workers N` starts one")
@@ -260,7 +263,10 @@ def status(state_dir: Path) -> str:
             for k, v in res.items():
                 total[k] = total.get(k, 0.0) + v
         lines.append(f"  {n.node_id[:12]:<14} {'head' if n.is_head_node else 'worker':<7} {n.state:<6} {_resources(res)}")
-    lines.append(f"  total (alive): {_resources(total)}")
+    # Every node offers Ray a share of the same machine's memory: their sum is not memory anyone has.
+    shared = {k: v for k, v in total.items() if "memory" not in k}
+    lines.append(f"  total (alive): {_resources(shared)}; memory: the nodes share this machine's "
+                 f"{psutil.virtual_memory().total / 2**30:.1f} GiB")
     return "\n".join(lines)
 
 

@@ -128,6 +128,8 @@ def test_cluster_status_shows_three_nodes_and_their_resources(cluster, capsys):
     printed = capsys.readouterr().out
     assert "3 of 3 nodes alive" in printed
     assert printed.count(" ALIVE ") == 3 and printed.count(" head ") == 1 and printed.count(" worker ") == 2
+    # the nodes share one machine's memory: no total that adds it up three times
+    assert re.search(r"total \(alive\): CPU 6; memory: the nodes share this machine's [\d.]+ GiB", printed)
     assert re.search(r"total \(alive\): CPU 6\b", printed)
     c = cluster["cluster"]
     assert c.dashboard.startswith("http://127.0.0.1:") and c.address.startswith("127.0.0.1:")
@@ -304,10 +306,15 @@ def test_cluster_down_stops_every_process_it_started_and_nothing_else(cluster, j
     c = cluster["cluster"]
     ours = launcher.processes(c.id)
     assert len(ours) >= 3 * 3  # at least GCS/raylet/agent per node
+    # each raylet's dashboard and runtime-env agents (started without the cluster's marker) are counted too
+    raylets = [p for p in ours if "raylet" in p.name()]
+    agents = [q for r in raylets for q in r.children(recursive=True) if "Agent" in " ".join(q.cmdline())]
+    assert len(raylets) == 3 and len(agents) >= 2 * 3 and {q.pid for q in agents} <= {p.pid for p in ours}
     assert main(["cluster", "down", "--state-dir", str(cluster["state"])]) == 0
     assert re.search(r"stopped \d+ process\(es\)", capsys.readouterr().out)
     assert launcher.processes(c.id) == []
-    assert not [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    # gone when `down` returns, not a minute later
+    assert not [p for p in [*ours, *agents] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     # the test session's own Ray (another local Ray on this machine) is untouched
     assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 2
     assert main(["cluster", "status", "--state-dir", str(cluster["state"])]) == 1

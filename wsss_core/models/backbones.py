@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_core.models.weights import WeightsSource, is_weights_file, load_weights
+from wsss_core.models.weights import WeightsSource, check_clip_name, is_weights_file, load_weights
 
 OPEN_CLIP_PREFIX = "open_clip:"
 
@@ -213,6 +213,23 @@ class OpenClipBackbone(Backbone):
         q, k = F.linear(y, attn.in_proj_weight[: 2 * d], attn.in_proj_bias[: 2 * d]).chunk(2, dim=-1)
         q, k = (t.view(b, s, heads, d // heads).transpose(1, 2) for t in (q, k))
         return ((q @ k.transpose(-1, -2)).float() * (d // heads) ** -0.5).softmax(-1).mean(1)
+
+
+def check_backbone_name(name: str) -> None:
+    """``name`` is one :func:`create_backbone` can build (a timm model, or ``open_clip:`` + an open_clip
+    model or config); else a ValueError naming the known names (and timm's closest ones)."""
+    if name.startswith(OPEN_CLIP_PREFIX):
+        check_clip_name(name[len(OPEN_CLIP_PREFIX):])
+        return
+    import difflib
+
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (closest: {', '.join(close)})" if close else ""
+        raise ValueError(f"unknown timm model {name!r}{hint}; give a name from timm.list_models(), or "
+                         "open_clip:<an open_clip model, a model-config JSON path or a packaged config>")
 
 
 def create_backbone(name: str, pretrained: WeightsSource = None, *, output_stride: int = 16,

@@ -23,11 +23,11 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from wsss_core.models.backbones import resize_pos_embed
 from wsss_core.models.weights import (
     WeightsSource,
+    check_clip_name,
     is_random,
     is_weights_file,
     load_weights,
     model_config,
-    packaged_configs,
 )
 
 
@@ -55,9 +55,7 @@ def create_clip(name: str = "ViT-B-16", pretrained: WeightsSource = "openai") ->
             model = open_clip.CLIP(**cfg)
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))
     else:
-        if name not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {name!r}; use one of open_clip.list_models(), a config JSON "
-                             f"path, or a packaged config ({', '.join(packaged_configs())})")
+        check_clip_name(name)
         model = open_clip.create_model(name, pretrained=None if from_file or random else pretrained)
         tokenizer = open_clip.get_tokenizer(name)
     if from_file:

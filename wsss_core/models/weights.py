@@ -61,6 +61,21 @@ def model_config(name: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+def check_clip_name(name: str) -> None:
+    """``name`` is an open_clip model, an open_clip model-config JSON path or a packaged config; else a
+    ValueError that says which names are known."""
+    try:
+        if model_config(name) is not None:
+            return
+    except FileNotFoundError as e:
+        raise ValueError(f"{e}; give the path of an open_clip model-config JSON") from None
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r}; use one of open_clip.list_models(), a config JSON "
+                         f"path, or a packaged config ({', '.join(packaged_configs())})")
+
+
 def read_bytes(source: str | os.PathLike | bytes | IO[bytes]) -> bytes:
     if isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:

@@ -5,13 +5,28 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from wsss_platform.config import Section
 from wsss_platform.datasets.base import DatasetConfig
 
 
-class SegmenterModel(Section):
+class ModelBase(Section):
+    """A recipe's network section: its ``backbone`` is checked when the config is read, so a misspelt
+    name fails in a second, before Ray starts or anything is written."""
+
+    backbone: str
+
+    @field_validator("backbone")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from wsss_core.models.backbones import check_backbone_name
+
+        check_backbone_name(name)
+        return name
+
+
+class SegmenterModel(ModelBase):
     backbone: str = "open_clip:ViT-B-16"
     """A timm model name (CNN or ViT) or ``open_clip:<name or model-config JSON>`` (a CLIP visual tower)."""
     pretrained: str = "openai"
@@ -113,7 +128,7 @@ class TrainConfig(TrainBase):
     train: Schedule = Schedule()
 
 
-class ToCoModel(Section):
+class ToCoModel(ModelBase):
     backbone: str = "deit_base_patch16_224"
     """A timm ViT name, or ``open_clip:<name or model-config JSON>`` (a CLIP visual tower)."""
     pretrained: str = "timm"
@@ -185,7 +200,7 @@ class ToCoConfig(TrainBase):
     train: ToCoSchedule = ToCoSchedule()
 
 
-class AffinityModel(Section):
+class AffinityModel(ModelBase):
     backbone: str = "resnet50"
     """A timm CNN (dilated to ``output_stride``; PSA: ResNet-38), a timm ViT, or ``open_clip:<name or
     model-config JSON>`` (a CLIP visual tower)."""

@@ -129,7 +129,7 @@ def _pipeline(cfg: LabelConfig, ds: Dataset, todo: list[str], token: str, isolat
     with warnings.catch_warnings():
         # Ray 2.60 deprecates extra remote args but has no named parameter for max_task_retries yet.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
-        return rows.map_batches(
+        labeled = rows.map_batches(
             labeler, fn_constructor_kwargs=labeler_kwargs,
             batch_size=batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
             memory=memory, compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
@@ -138,6 +138,12 @@ def _pipeline(cfg: LabelConfig, ds: Dataset, todo: list[str], token: str, isolat
             # default) on purpose: Ray Data 2.60's pool never replaces an actor that used up
             # max_restarts, so a bound there would stall the pipeline instead of ending it.
             max_task_retries=cfg.compute.max_batch_attempts - 1, max_restarts=-1)
+    # A batch that used up its attempts is dropped rather than ending the job: its images get no
+    # manifest row and are redone one by one (``_label``), where a failure is that image's alone. Set
+    # on this dataset's own context: the process-wide one would also let a training started later in
+    # the same process skip the batches of a damaged input.
+    labeled.context.max_errored_blocks = -1
+    return labeled
 
 
 def _check_memory(memory: int | None) -> None:
@@ -203,14 +209,9 @@ def _run(pipeline, progress: Progress, run: JobRun | None) -> int:
 
 def _label(cfg: LabelConfig, ds: Dataset, todo: list[str], summary: LabelSummary, log, run: JobRun | None) -> None:
     """Label ``todo``: one pass in batches, then one image a batch for whatever got no result."""
-    from ray.data import DataContext
-
     init_ray(cfg.ray_address, cfg.dataset.storage)
     quiet_ray()
     progress = Progress("[wsss label]", len(todo))
-    # A batch that used up its attempts is dropped rather than ending the job: its images get no
-    # manifest row and are redone one by one below, where a failure is that image's alone.
-    DataContext.get_current().max_errored_blocks = -1
     token = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
     summary.processed += _run(_pipeline(cfg, ds, todo, token), progress, run)
@@ -289,8 +290,8 @@ def _nothing_to_do(cfg: LabelConfig, ds: Dataset, summary: LabelSummary, log) ->
     with contextlib.suppress(storage.StorageError, ValueError):
         summary.run_url = json.loads(storage.read_text(storage.join(cfg.output, "run.json"), cfg.dataset.storage)).get(
             "mlflow_run_url")
-    log(f"[wsss label] nothing to do: every image of the split is complete in {cfg.output}"
-        + (f"; its MLflow run: {summary.run_url}" if summary.run_url else "") + " (--overwrite redoes it)")
+    # its MLflow run's URL is the command's last line, as after any labeling
+    log(f"[wsss label] nothing to do: every image of the split is complete in {cfg.output} (--overwrite redoes it)")
     return summary
 
 

@@ -281,7 +281,7 @@ def _add_train_commands(sub) -> None:
     for name in RECIPES:
         recipe = recipe_class(name)
         p = rsub.add_parser(name, help=recipe.description)
-        _describe(p, "train")
+        _describe(p, f"train {name}")
         fields = recipe.config.model_fields["train"].annotation.model_fields
         add_train_args(p, tuple(k for k in TRAIN_INPUTS if k in fields))
         p.set_defaults(func=cmd_train)
@@ -396,9 +396,23 @@ ABOUT = {
               "DDP over compute.num_workers, checkpoints in --output, resumed by running it again.",
               ["wsss train segmenter --config jobs/configs/synthshapes-train.yaml",
                "wsss train toco --config jobs/configs/synthshapes-toco.yaml",
-               "wsss train affinity --config jobs/configs/synthshapes-affinity.yaml --cams synthshapes-train-labels",
-               "wsss train segmenter --dataset s3://bucket/VOC2012 --pseudo-masks s3://bucket/clip-es-voc "
-               "--output s3://bucket/seg-1 train.mu=0.95"]),
+               "wsss train affinity --config jobs/configs/synthshapes-affinity.yaml --cams synthshapes-train-cams"]),
+    "train segmenter": ("The final segmenter on pseudo masks (--pseudo-masks: a `wsss label` output of the split) with\n"
+                        "CLIP-ES's confidence-guided loss (train.mu; 0 = plain cross-entropy), or on the ground truth\n"
+                        "(--pseudo-masks none). DDP over compute.num_workers, checkpoints in --output, resumed by running\n"
+                        "it again; a finished one is left as it is.",
+                        ["wsss train segmenter --config jobs/configs/synthshapes-train.yaml",
+                         "wsss train segmenter --dataset s3://bucket/VOC2012 --pseudo-masks s3://bucket/clip-es-voc "
+                         "--output s3://bucket/seg-1 train.mu=0.95"]),
+    "train toco": ("ToCo (a ViT with patch- and class-token contrast) on the split's image-level labels; its CAMs then\n"
+                   "label with `wsss label cam_source=toco model.checkpoint=OUTPUT`. DDP over compute.num_workers,\n"
+                   "checkpoints in --output, resumed by running it again; a finished one is left as it is.",
+                   ["wsss train toco --config jobs/configs/synthshapes-toco.yaml",
+                    "wsss train toco --config jobs/configs/voc-toco.yaml --dataset s3://bucket/VOC2012 --output s3://bucket/toco-1"]),
+    "train affinity": ("PSA's AffinityNet on the CAMs of a `wsss label` output of the split (--cams; labelled with\n"
+                       "cache: cams or full); it then refines with `wsss label 'refine=[random_walk]'\n"
+                       "random_walk.checkpoint=OUTPUT`. Checkpoints in --output, resumed by running it again.",
+                       ["wsss train affinity --config jobs/configs/synthshapes-affinity.yaml --cams synthshapes-train-cams"]),
     "predict": ("Masks for a dataset split from a trained segmenter, with Ray Data (one GPU per actor when there are\n"
                 "GPUs): masks/ and confidence/ like `wsss label` writes them, scored when the split has ground truth.",
                 ["wsss predict --checkpoint seg-output --dataset demo-data/voc --split val --output pred",
@@ -531,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     from wsss_platform.datasets.base import DatasetError
     from wsss_platform.storage import StorageError
 
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     from wsss_platform.console import set_verbose
 
     set_verbose(args.verbose)
@@ -549,6 +563,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {one_line(e)} (run with --verbose for the traceback)", file=sys.stderr)
         return 1
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, with ``key=value`` overrides accepted anywhere after the subcommand: argparse
+    takes a positional list only in one run, so those after a flag come back unparsed and join it here."""
+    args, rest = parser.parse_known_args(argv)
+    late = [a for a in rest if "=" in a and not a.startswith("-")]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        rest = [a for a in rest if a not in late]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 def one_line(e: BaseException) -> str:

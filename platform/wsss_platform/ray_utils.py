@@ -38,7 +38,7 @@ def init_ray(address: str | None = None, storage: StorageOptions | None = None, 
     check_credentials_reach_workers(address, storage)
     if ray.is_initialized():
         return
-    from wsss_platform.console import verbose
+    from wsss_platform.console import only_our_worker_lines, verbose
 
     if not verbose():
         kwargs.setdefault("logging_level", "WARNING")
@@ -47,6 +47,7 @@ def init_ray(address: str | None = None, storage: StorageOptions | None = None, 
     else:
         kwargs.setdefault("include_dashboard", False)
         ray.init(address="local", **kwargs)
+    only_our_worker_lines()
 
 
 def state_api_error(timeout: float = 10) -> str | None:

@@ -1,7 +1,8 @@
 """MLflow defaults: with no ``MLFLOW_TRACKING_URI`` runs go to ``./mlflow.db`` (sqlite).
 
 MLflow 3's file store is deprecated, so the laptop default is a sqlite file in the working folder
-with artifacts beside it in ``./mlartifacts``; ``wsss ui`` opens the MLflow UI over that same store.
+with artifacts beside it in ``./mlartifacts`` (any sqlite store keeps its artifacts in ``mlartifacts/``
+beside its database file); ``wsss ui`` opens the MLflow UI over that same store.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ def tracking_uri(workdir: str | Path | None = None) -> str:
 
 
 def artifact_root(workdir: str | Path | None = None) -> str:
-    return (Path(workdir or os.getcwd()).resolve() / DEFAULT_ARTIFACTS).as_uri()
+    """``mlartifacts/`` beside a sqlite store (MLflow's own default is ``./mlruns`` of whatever folder a
+    job runs in, which ``wsss ui`` started elsewhere would not find)."""
+    uri = tracking_uri(workdir)
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path(workdir or os.getcwd())
+    return (folder.resolve() / DEFAULT_ARTIFACTS).as_uri()
 
 
 def setup(experiment: str, workdir: str | Path | None = None) -> str:
@@ -35,15 +40,12 @@ def setup(experiment: str, workdir: str | Path | None = None) -> str:
 
     quiet_mlflow()
     uri = tracking_uri(workdir)
-    # Decided before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
-    local_default = "MLFLOW_TRACKING_URI" not in os.environ and uri.startswith("sqlite:")
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
         mlflow.set_experiment(experiment)
         return exp.experiment_id
-    # A local sqlite store gets its artifacts in ./mlartifacts rather than MLflow's cwd default.
-    location = artifact_root(workdir) if local_default else None
+    location = artifact_root(workdir) if uri.startswith("sqlite:") else None
     exp_id = mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
@@ -131,12 +133,18 @@ class JobRun:
         self.run_id = run.info.run_id
         self.client.update_run(self.run_id, status="RUNNING")
         self.client.set_tag(self.run_id, "wsss.resumed", "true")
+        self.stale_error = "wsss.error" in run.data.tags
         return True
+
+    stale_error = False
+    """A resumed run carries the error of the attempt it continues; a successful end clears it."""
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.status = "KILLED" if issubclass(exc_type, KeyboardInterrupt | SystemExit) else "FAILED"
             self.client.set_tag(self.run_id, "wsss.error", f"{exc_type.__name__}: {exc}"[:5000])
+        elif self.stale_error and self.status == "FINISHED":
+            self.client.delete_tag(self.run_id, "wsss.error")
         self.client.set_terminated(self.run_id, status=self.status)
 
     @property

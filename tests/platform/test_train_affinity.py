@@ -73,6 +73,19 @@ def test_label_with_the_random_walk_alone_or_after_caa(refine, affinity_trained,
     assert json.loads((tmp_path / "out" / "run.json").read_text())["settings"]["refine"] == refine
 
 
+def test_a_random_walk_checkpoint_of_another_class_order_is_refused(affinity_trained, labelled, tmp_path):
+    from .test_train_faults import swapped_classes
+
+    root, _, _ = affinity_trained
+    voc = swapped_classes(labelled / "voc", tmp_path / "voc")
+    with pytest.raises(ConfigError, match=r"random_walk.checkpoint: .* was trained on classes \['circle', 'square', .*\], "
+                                          r"the dataset has \['square', 'circle', .*\]"):
+        run_label(build_config(LabelConfig, {}, [
+            f"dataset.uri={voc}", f"output={tmp_path / 'out'}", "model.name=tiny", "model.pretrained=none",
+            "refine=[random_walk]", f"random_walk.checkpoint={root / 'affinity'}", "tracking.enabled=false"]))
+    assert not (tmp_path / "out").exists()
+
+
 def test_psa_inputs_missing_or_wrong_fail_before_any_work(labelled, labelled_cams, tmp_path):
     base = [f"dataset.uri={labelled / 'voc'}", f"output={tmp_path / 'out'}", "model.name=tiny", "model.pretrained=none",
             "refine=[random_walk]", "tracking.enabled=false"]
@@ -88,7 +101,7 @@ def test_psa_inputs_missing_or_wrong_fail_before_any_work(labelled, labelled_cam
     train = [f"dataset.uri={labelled / 'voc'}", f"output={tmp_path / 'aff'}", *TINY_AFFINITY]
     with pytest.raises(ValueError, match=r"train.cams: give a `wsss label` output of this split \(--cams URI\)"):
         run_train(build_config(AffinityConfig, {}, train))
-    with pytest.raises(ValueError, match=r"cams/.*\.npz not found \(train.val_split val\).*set val_split"):
+    with pytest.raises(ValueError, match=r"cams/.*\.npz not found \(train.val_split val: \d+ of \d+ images\).*set val_split"):
         run_train(build_config(AffinityConfig, {}, [*train, f"train.cams={labelled_cams}", "train.val_split=val"]))
     with pytest.raises(ConfigError, match=r"alpha_low \(32.0\) must be below alpha_high \(4.0\)"):
         build_config(AffinityConfig, {}, [*train, "train.alpha_low=32", "train.alpha_high=4"])

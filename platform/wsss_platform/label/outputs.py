@@ -76,6 +76,39 @@ def decode_confidence_png(data: bytes) -> np.ndarray:
         return np.asarray(im, dtype=np.float32) / 255.0
 
 
+DAMAGED = "the labeling output holds a damaged file; relabel it (`wsss label --overwrite` into it, or into a new output)"
+"""The fix for a file of a labeling output that does not decode."""
+
+
+def check_classes(output: str, names: list[str], key: str, options: StorageOptions | None = None) -> None:
+    """Refuse a labeling output whose labels mean other classes (or the same ones in another order)
+    than ``names``: label k of its masks and CAMs is class ``names[k - 1]`` only when its run.json says so."""
+    import json
+
+    uri = storage.join(output, "run.json")
+    if not storage.exists(uri, options):
+        raise ValueError(f"{key}: {uri} not found: {output} is not a `wsss label` output (its run.json names the "
+                         "classes its labels mean); label the split into it first")
+    theirs = list(json.loads(storage.read_text(uri, options)).get("classes", {}).get("classes", []))
+    if theirs != list(names):
+        diff = next((f"label {i + 1} is {a!r} there, {b!r} here" for i, (a, b) in enumerate(zip(theirs, names, strict=False))
+                     if a != b), f"{len(theirs)} classes there, {len(names)} here")
+        raise ValueError(f"{key}: {output} was labelled for other classes than this dataset's ({diff}; {uri}); "
+                         "label this dataset into a new output, or train on the dataset it was labelled from")
+
+
+def check_files(output: str, folder: str, suffix: str, ids: list[str], key: str,
+                options: StorageOptions | None = None) -> None:
+    """Every id's ``<folder>/<id><suffix>`` is there: one listing, not one request per file."""
+    have = set(storage.list_names(storage.join(output, folder), options))
+    missing = [i for i in ids if f"{i}{suffix}" not in have]
+    if missing:
+        first = storage.join(output, folder, f"{missing[0]}{suffix}")
+        raise ValueError(f"{key}: {first} not found ({len(missing)} of {len(ids)} images lack {folder}/): is {output} "
+                         f"a `wsss label` output of this split? An interrupted labeling finishes when run again; "
+                         "files lost from a finished one come back with `wsss label --overwrite` (or into a new output)")
+
+
 def cams_uri(output: str, image_id: str) -> str:
     return storage.join(output, "cams", f"{image_id}.npz")
 

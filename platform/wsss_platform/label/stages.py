@@ -219,3 +219,18 @@ def check_stages(cfg: LabelConfig, classes: ClassSet | None = None) -> None:
         build_masker(cfg)
     except (ImportError, ValueError) as e:  # a missing package; a checkpoint that is not the refiner's network
         raise ConfigError(f"refine={cfg.refine}: {e}") from None
+    if classes is not None:
+        check_refiner_classes(cfg, list(classes.names))
+
+
+def check_refiner_classes(cfg: LabelConfig, names: list[str]) -> None:
+    """A refiner's trained network (``<name>.checkpoint``) was trained on this dataset's classes, in its order."""
+    for name in cfg.refine:
+        if "checkpoint" not in inspect.signature(REFINERS.get(name)).parameters:
+            continue
+        state = refiner_checkpoint(cfg, name)
+        theirs = next((v["class_names"] for v in state.values() if isinstance(v, dict) and "class_names" in v), None)
+        if theirs is not None and list(theirs[1:]) != names:
+            raise ConfigError(f"{name}.checkpoint: {refiner_checkpoint_uri(cfg, name)} was trained on classes "
+                              f"{list(theirs[1:])}, the dataset has {names}: give a checkpoint trained on this dataset's "
+                              "classes, in its order")

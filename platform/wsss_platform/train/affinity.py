@@ -23,6 +23,7 @@ from wsss_core.metrics import ConfusionMatrix
 from wsss_core.types import CamOutput
 from wsss_platform import storage
 from wsss_platform.datasets import DatasetConfig, open_dataset
+from wsss_platform.datasets.base import DatasetError
 from wsss_platform.label import outputs
 from wsss_platform.storage import StorageOptions
 from wsss_platform.train.config import AffinityConfig, TrainBase
@@ -30,7 +31,12 @@ from wsss_platform.train.config import AffinityConfig, TrainBase
 
 def cam_output(cams_root: str, image_id: str, options: StorageOptions | None) -> CamOutput:
     """An image's cached CAMs [K, h, w] (float32) with their labels and class scores."""
-    cache = outputs.decode_cams(storage.read_bytes(outputs.cams_uri(cams_root, image_id), options))
+    uri = outputs.cams_uri(cams_root, image_id)
+    data = storage.read_bytes(uri, options)
+    try:
+        cache = outputs.decode_cams(data)
+    except Exception as e:  # a truncated or foreign file: zip, npz and array errors alike
+        raise DatasetError(f"cannot decode {uri}: {type(e).__name__}: {e}: {outputs.DAMAGED}") from None
     return CamOutput([int(c) for c in cache["labels"]], torch.from_numpy(cache["cams"].astype(np.float32)),
                      torch.from_numpy(cache["class_scores"]))
 
@@ -83,22 +89,26 @@ class AffinityRecipe:
     def absolute_train(self) -> dict[str, Any]:
         return {"cams": storage.absolute(self.cfg.train.cams) if self.cfg.train.cams else ""}
 
-    def check(self, ids: list[str]) -> None:
-        """The CAMs exist for the split trained on and for the split scored (named, with the fix)."""
+    def check(self, ids: list[str], names: list[str]) -> None:
+        """The CAMs exist for the split trained on and for the split scored, labelled for the dataset's
+        classes (named, with the fix)."""
         t, opts = self.cfg.train, self.cfg.dataset.storage
         if not t.cams:
             raise ValueError("train.cams: give a `wsss label` output of this split (--cams URI); its cams/ hold the "
                              "CAMs AffinityNet learns from (any cam_source, cache: cams or full)")
-        firsts = [("dataset.split", self.cfg.dataset.split, ids[0])]
+        splits = [("dataset.split", self.cfg.dataset.split, ids)]
         if t.val_split:
             val = open_dataset(self.cfg.dataset.model_copy(update={"split": t.val_split}))
-            firsts.append(("train.val_split", t.val_split, val.ids[0]))
-        for key, split, image_id in firsts:
-            if not storage.exists(outputs.cams_uri(t.cams, image_id), opts):
-                raise ValueError(f"train.cams: {outputs.cams_uri(t.cams, image_id)} not found ({key} {split}): "
-                                 f"label that split with cache: cams (or full) into {t.cams}"
-                                 + (", or set val_split to the labeled split (null: no scoring)"
-                                    if key == "train.val_split" else ""))
+            splits.append(("train.val_split", t.val_split, val.ids[: t.eval_images]))
+        have = set(storage.list_names(storage.join(t.cams, "cams"), opts))
+        for key, split, split_ids in splits:
+            missing = [i for i in split_ids if f"{i}.npz" not in have]
+            if missing:
+                raise ValueError(f"train.cams: {outputs.cams_uri(t.cams, missing[0])} not found ({key} {split}: "
+                                 f"{len(missing)} of {len(split_ids)} images): label that split with cache: cams (or "
+                                 f"full) into {t.cams}" + (", or set val_split to the labeled split (null: no scoring)"
+                                                           if key == "train.val_split" else ""))
+        outputs.check_classes(t.cams, names, "train.cams", opts)
 
     def dataset(self, ids: list[str], payload: dict[str, Any]):
         import ray

@@ -42,10 +42,24 @@ def resolve(uri: str, options: StorageOptions | None = None) -> str:
     return storage.join(root, folders[-1])  # Train names them by time
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that does not load: named, with the fix; a retry would meet it again."""
+
+
+def decode(data: bytes, name: str) -> dict[str, Any]:
+    """A ``checkpoint.pt``'s bytes -> its contents on CPU, or :class:`DamagedCheckpoint` naming ``name``."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, zip errors, … for a bad file
+        raise DamagedCheckpoint(f"{name} does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                "it is truncated or not a `wsss train` checkpoint: give another checkpoint folder, or "
+                                "delete this one to continue from the one before") from None
+
+
 def load_state(uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
     """The checkpoint's contents, on CPU."""
-    data = storage.read_bytes(storage.join(uri, FILE), options)
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    path = storage.join(uri, FILE)
+    return decode(storage.read_bytes(path, options), path)
 
 
 def spec_of(state: dict[str, Any], uri: str) -> dict[str, Any]:

@@ -4,21 +4,28 @@ fixed-size sample per row, streamed to the workers (``ray.train.get_dataset_shar
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from wsss_core.augment import random_scale_crop_flip
 from wsss_platform import storage
 from wsss_platform.datasets import DatasetConfig, open_dataset
+from wsss_platform.datasets.base import DatasetError, decode_mask
 from wsss_platform.label import outputs
 from wsss_platform.train.config import TrainConfig
 
 
 def uses_ground_truth(cfg: TrainConfig) -> bool:
     return cfg.train.pseudo_masks.strip().lower() == "none"
+
+
+def read_label_png(uri: str, options) -> np.ndarray:
+    """A pseudo mask or confidence PNG of a labeling output; one that does not decode is named, with the fix."""
+    try:
+        return decode_mask(storage.read_bytes(uri, options), uri)
+    except DatasetError as e:
+        raise DatasetError(f"{e}: {outputs.DAMAGED}") from None
 
 
 class SampleLoader:
@@ -31,8 +38,7 @@ class SampleLoader:
         self.rng = np.random.default_rng()  # a new view every epoch: Ray Data reruns the map each pass
 
     def _png(self, uri: str) -> np.ndarray:
-        with Image.open(io.BytesIO(storage.read_bytes(uri, self.opts))) as im:
-            return np.asarray(im)
+        return read_label_png(uri, self.opts)
 
     def sample(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         row = self.ds.load(image_id)
@@ -51,8 +57,9 @@ class SampleLoader:
         return {"image": np.stack(images), "mask": np.stack(masks), "confidence": np.stack(confs)}
 
 
-def check_pseudo_masks(cfg: TrainConfig, ids: list[str]) -> None:
-    """Fail on the driver when the label output lacks what training reads (named, with the fix)."""
+def check_pseudo_masks(cfg: TrainConfig, ids: list[str], names: list[str]) -> None:
+    """Fail on the driver when the label output lacks what training reads, or was labelled for other
+    classes (named, with the fix)."""
     if uses_ground_truth(cfg):
         return
     root, opts = cfg.train.pseudo_masks, cfg.dataset.storage
@@ -60,9 +67,8 @@ def check_pseudo_masks(cfg: TrainConfig, ids: list[str]) -> None:
         raise ValueError("train.pseudo_masks: give a `wsss label` output (--pseudo-masks URI), or none to train "
                          "on the ground truth")
     for folder in ("pseudo", "confidence"):
-        if not storage.exists(storage.join(root, folder, f"{ids[0]}.png"), opts):
-            raise ValueError(f"train.pseudo_masks: {storage.join(root, folder, ids[0] + '.png')} not found: is {root} "
-                             f"a `wsss label` output of this split, written by a version that writes {folder}/?")
+        outputs.check_files(root, folder, ".png", ids, "train.pseudo_masks", opts)
+    outputs.check_classes(root, names, "train.pseudo_masks", opts)
 
 
 def train_dataset(cfg: TrainConfig, ids: list[str], dataset_payload: dict[str, Any]):

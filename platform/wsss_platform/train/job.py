@@ -11,6 +11,7 @@ with ``mlflow.pytorch.log_model`` (and registered when ``tracking.register_as`` 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -80,27 +81,50 @@ def train_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {"dataset": data, "model": config["model"], "train": schedule}
 
 
-def claim(cfg: TrainBase, log) -> dict[str, Any]:
-    """The output's training state: {} for a new one (or after overwrite); refuses one trained with
-    other settings, which a continued run would silently mix into its checkpoints."""
+def read_state(cfg: TrainBase) -> dict[str, Any]:
+    """The output's ``train.json`` ({} when there is none), with ``latest``: the iteration of its last
+    registered checkpoint (Train's checkpoint manager snapshot), 0 when it has none."""
     uri, opts = storage.join(cfg.output, "train.json"), cfg.dataset.storage
-    if cfg.overwrite:
-        for name in ("train", "train.json"):
-            storage.remove(storage.join(cfg.output, name), opts)
-        return {}
     if not storage.exists(uri, opts):
         return {}
     state = json.loads(storage.read_text(uri, opts))
+    snapshot = storage.join(cfg.output, NAME, "checkpoint_manager_snapshot.json")
+    latest = (json.loads(storage.read_text(snapshot, opts)).get("latest_checkpoint_result") or {}
+              if storage.exists(snapshot, opts) else {})
+    return state | {"latest": int((latest.get("metrics") or {}).get("iteration", 0))}
+
+
+def finished(cfg: TrainBase, state: dict[str, Any]) -> bool:
+    """The output holds this training, finished at (or past) the requested iterations: nothing to do."""
+    done = state.get("finished") or {}
+    return (not cfg.overwrite and done.get("iterations", 0) >= cfg.train.iterations
+            and fingerprint(train_settings(state["config"])) == fingerprint(train_settings(cfg.model_dump(mode="json"))))
+
+
+def claim(cfg: TrainBase, log) -> dict[str, Any]:
+    """The output's training state: {} for a new one (or after overwrite, or when an earlier run ended
+    before its first checkpoint: nothing of it is worth keeping); refuses one trained with other
+    settings, which a continued run would silently mix into its checkpoints."""
+    opts = cfg.dataset.storage
+    state = {} if cfg.overwrite else read_state(cfg)
+    if not state.get("latest"):
+        for name in (NAME, "train.json"):
+            storage.remove(storage.join(cfg.output, name), opts)
+        return {}
     old, new = train_settings(state["config"]), train_settings(cfg.model_dump(mode="json"))
     if fingerprint(old) != fingerprint(new):
         refuse_changed(cfg.output, old, new, "a training")
-    log(f"[wsss train] {cfg.output} holds this training: continuing from its last checkpoint")
+    log(f"[wsss train] {cfg.output} holds this training: continuing from its checkpoint at iteration {state['latest']}"
+        f" to {cfg.train.iterations}")
     return state
 
 
 def _trainer(recipe: Recipe, loop_config: dict[str, Any], train_ds, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    # imports ray: after init_ray's environment
+    from wsss_platform.train.failures import StopOnPermanentError
 
     cfg = recipe.cfg
     use_gpu = cluster_gpus() > 0 if cfg.compute.use_gpu == "auto" else bool(cfg.compute.use_gpu)
@@ -116,7 +140,8 @@ def _trainer(recipe: Recipe, loop_config: dict[str, Any], train_ds, callbacks: l
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.compute.checkpoints_to_keep, checkpoint_score_attribute=recipe.score if has_val else None,
                 checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures), callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures),
+            callbacks=[StopOnPermanentError(), *(callbacks or [])],
             # Train's own per-report and setup lines only with --verbose; the loop prints one line per checkpoint
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")))
 
@@ -139,7 +164,9 @@ def _log_model(cfg: TrainBase, model: torch.nn.Module, run: JobRun) -> None:
     """The trained network as an MLflow model (registered under ``tracking.register_as``)."""
     import mlflow.pytorch
 
-    # pickle: the pt2 format would trace the model on an input example of one fixed size
+    # pickle: the pt2 format would trace the model on an input example of one fixed size; MLflow warns
+    # at every pickled model that pickle can run code when loaded, which the choice already weighed
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     mlflow.pytorch.log_model(model, name="model", run_id=run.run_id, serialization_format="pickle",
                              registered_model_name=cfg.tracking.register_as)
 
@@ -221,7 +248,7 @@ def plan(cfg: TrainBase) -> Plan:
     recipe = recipe_for(absolute_paths(recipe_for(cfg)))
     cfg = recipe.cfg
     ds = open_dataset(cfg.dataset)
-    recipe.check(ds.ids)
+    recipe.check(ds.ids, list(ds.classes.names))
     val_payload, val_ids = _val(cfg)
     payload = cfg.dataset.worker_payload()
     names = ["background", *ds.classes.names]
@@ -236,17 +263,57 @@ def run_train(cfg: TrainBase, log=print) -> TrainSummary:
     check_credentials_reach_workers(cfg.ray_address, cfg.dataset.storage)
     storage.export_credentials(cfg.dataset.storage)
     p = plan(cfg)
+    summary = TrainSummary(output=p.cfg.output, score=p.recipe.score)
+    if finished(p.cfg, state := read_state(p.cfg)):
+        return _nothing_to_do(p, state, summary, log)
     # Train V2's placement-group cleaner asks the State API (served by the dashboard) whether the
     # controller lives; without a dashboard it warns every few seconds for the whole run.
     init_ray(cfg.ray_address, cfg.dataset.storage, include_dashboard=True)
     quiet_ray()
     check_cpus(p.cfg)
-    summary = TrainSummary(output=p.cfg.output, score=p.recipe.score)
     with OutputLock(p.cfg.output, cfg.dataset.storage, "wsss train"):
         _fit(p, claim(p.cfg, log), summary, log)
     summary.seconds = time.perf_counter() - t0
     log(f"[wsss train] {summary.line()}")
     return summary
+
+
+def _nothing_to_do(p: Plan, state: dict[str, Any], summary: TrainSummary, log) -> TrainSummary:
+    """A rerun of a finished training: its output and MLflow run are left as they are."""
+    done = state["finished"]
+    summary.iterations, summary.checkpoint, summary.val_miou = done["iterations"], done["checkpoint"], done.get("score")
+    summary.run_id, summary.run_url = state.get("mlflow_run_id"), done.get("run_url")
+    score = f", {summary.score} {summary.val_miou:.4f}" if summary.val_miou is not None else ""
+    log(f"[wsss train] nothing to do: {p.cfg.output} holds this training, finished at iteration {summary.iterations}"
+        f"{score}; checkpoint {summary.checkpoint} (a longer train.iterations continues it; --overwrite starts over)")
+    return summary
+
+
+def fit(trainer):
+    """``trainer.fit()`` in a thread of its own. In the main thread Train installs a SIGINT handler
+    that aborts the run and then exits the process with 0 or 1 (depending on the moment, and
+    silently); without it Ctrl-C is a KeyboardInterrupt here at any moment, as in every other job: the
+    MLflow run ends KILLED, the lock is released and the next run continues from the last checkpoint."""
+    import threading
+
+    from wsss_platform.train.failures import permanent_cause
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread, which raises it
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="wsss-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        cause = permanent_cause(box["error"])
+        raise cause if cause is not None else box["error"]
+    return box["result"]
 
 
 def _fit(p: Plan, state: dict[str, Any], summary: TrainSummary, log) -> None:
@@ -259,16 +326,28 @@ def _fit(p: Plan, state: dict[str, Any], summary: TrainSummary, log) -> None:
             summary.run_id, summary.run_url = run.run_id, run.url
             log(f"[wsss train] MLflow run: {run.url}")
             run.log_split(ds, "training")
-        storage.write_text(storage.join(cfg.output, "train.json"), json.dumps(
-            {"config": loop_config["cfg"], "mlflow_run_id": summary.run_id, "code": code_version()}, indent=2),
-            cfg.dataset.storage)
-        result = p.trainer().fit()
+        record = {"config": loop_config["cfg"], "mlflow_run_id": summary.run_id, "code": code_version()}
+        storage.write_text(storage.join(cfg.output, "train.json"), json.dumps(record, indent=2), cfg.dataset.storage)
+        loop_config["progress"] = True  # rank 0's progress lines (a sweep's trials show none)
+        log(f"[wsss train] starting {cfg.compute.num_workers} worker(s) and the data loader; the first iteration "
+            "waits for its first batch")
+        result = fit(p.trainer())
         summary.metrics = dict(result.metrics or {})
         summary.iterations = int(summary.metrics.get("iteration", 0))
         summary.val_miou = summary.metrics.get(p.recipe.score)
         summary.checkpoint = _keep_registered_checkpoints(cfg, result)
         if run is not None and summary.checkpoint:
             _track(p.recipe, ds, summary, run)
+        record["finished"] = {"iterations": summary.iterations, "checkpoint": summary.checkpoint,
+                              "score": summary.val_miou, "run_url": summary.run_url}
+        storage.write_text(storage.join(cfg.output, "train.json"), json.dumps(record, indent=2), cfg.dataset.storage)
+
+
+def short_name(backbone: str) -> str:
+    """``open_clip:/abs/path/tinyclip.json`` -> ``open_clip:tinyclip``: a run name, not a path."""
+    prefix, sep, name = backbone.rpartition("open_clip:")
+    name = os.path.splitext(os.path.basename(name))[0] if "/" in name or name.endswith(".json") else name
+    return f"{prefix}{sep}{name}"
 
 
 def _job_run(recipe: Recipe, ds, state: dict[str, Any]):
@@ -279,7 +358,7 @@ def _job_run(recipe: Recipe, ds, state: dict[str, Any]):
         return contextlib.nullcontext(None)
     source = recipe.labels()
     name = cfg.tracking.run_name or (f"train {os.path.basename(ds.uri.rstrip('/'))}/{cfg.dataset.split} {recipe.name} "
-                                     f"{cfg.model.backbone}")
+                                     f"{short_name(cfg.model.backbone)}")
     tags = {"wsss.job": "train", "wsss.recipe": recipe.name, "wsss.dataset": ds.uri, "wsss.output": cfg.output,
             "wsss.model": f"{cfg.model.backbone} ({cfg.model.pretrained})", "wsss.labels": source,
             "wsss.code_version": code_version()["git_commit"][:12]}

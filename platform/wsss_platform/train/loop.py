@@ -21,7 +21,10 @@ from typing import Any
 import torch
 
 from wsss_platform import metrics as live_metrics
+from wsss_platform.config import ConfigError
+from wsss_platform.console import Progress
 from wsss_platform.train.checkpoint import FILE as CHECKPOINT_FILE
+from wsss_platform.train.checkpoint import decode as decode_checkpoint
 from wsss_platform.train.config import TrainBase
 from wsss_platform.train.evaluate import unwrap
 from wsss_platform.train.recipes import Recipe, recipe_class
@@ -63,8 +66,8 @@ def restore(recipe: Recipe, model, optimizer, scheduler) -> int:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return 0
-    with ckpt.as_directory() as d:
-        state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    with ckpt.as_directory() as d, open(os.path.join(d, CHECKPOINT_FILE), "rb") as f:
+        state = decode_checkpoint(f.read(), f"{ckpt.path}/{CHECKPOINT_FILE}")
     recipe.network(unwrap(model)).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -87,11 +90,17 @@ def report(metrics: dict[str, float], recipe: Recipe | None = None, model=None, 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+UNVALIDATED = -1.0
+"""The score of a checkpoint taken between validations: below every val score (IoUs are in [0, 1]).
+Finite, because Train's checkpoint snapshot stores -inf as null, and a run resumed from it fails
+ranking its next checkpoint against None."""
+
+
 def scored(metrics: dict[str, float], score: str, validated_ever: bool) -> dict[str, float]:
     """A checkpoint's report with the key Train ranks checkpoints by: one taken between validations
-    scores -inf, below every validated one (without the key Train's checkpoint manager logs an
-    error for each such report, and ranks it the same)."""
-    return metrics if not validated_ever or score in metrics else {**metrics, score: float("-inf")}
+    scores ``UNVALIDATED``, below every validated one (without the key Train's checkpoint manager logs
+    an error for each such report, and ranks it the same)."""
+    return metrics if not validated_ever or score in metrics else {**metrics, score: UNVALIDATED}
 
 
 class StepLog:
@@ -168,13 +177,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     # the val split's index once per worker (a COCO index parses its annotation file)
     val_ds = open_dataset(DatasetConfig.model_validate(config["val_dataset"])) if config["val_ids"] else None
-    t0, seen = time.perf_counter(), 0
+    progress = Progress("[wsss train]", t.iterations, "iterations", stream=sys.stdout, start=it,
+                        images_per_unit=t.batch_size * ray.train.get_context().get_world_size())
+    val = ""  # the last val score, shown on every progress line after it
     while it < t.iterations:
         before = it
         for batch in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True):
+            if it == progress.start:
+                progress.t0 = time.perf_counter()  # the rate and ETA from the first batch on, not the start-up
             metrics = step(recipe, model, optimizer, scheduler, batch, amp, device)
-            it, seen = it + 1, seen + t.batch_size
-            metrics |= {"lr": scheduler.get_last_lr()[0], "iteration": it, "images_per_s": seen / (time.perf_counter() - t0)}
+            it = progress.done = it + 1
+            metrics |= {"lr": scheduler.get_last_lr()[0], "iteration": it, "images_per_s": progress.rate * t.batch_size}
             if it % t.eval_every == 0 or it == t.iterations:
                 metrics |= recipe.validation(model, val_ds, config, device, final=it == t.iterations)
             checkpoint = it % t.checkpoint_every == 0 or it == t.iterations
@@ -184,14 +197,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.add(metrics, it, flush=checkpoint)  # after the checkpoint is saved
             if rank0:
                 live_metrics.record_train_step(config["recipe"], metrics, ray.train.get_context().get_world_size())
-            if checkpoint and rank0:
-                val = f" · {recipe.score} {metrics[recipe.score]:.4f}" if recipe.score in metrics else ""
-                # not print(): Train patches it to log through its logger too, and the line would show twice
-                sys.stdout.write(f"[wsss train] iteration {it}/{t.iterations} · loss {metrics['loss']:.4f} · "
-                                 f"{metrics['images_per_s']:.1f} img/s{val} · checkpoint\n")
-                sys.stdout.flush()
+                if config.get("progress"):
+                    val = f" · {recipe.score} {metrics[recipe.score]:.4f}" if recipe.score in metrics else val
+                    show(progress, f" · loss {metrics['loss']:.4f}{val}", final=it == t.iterations)
             if it >= t.iterations:
                 break
         if it == before:
-            raise ValueError(f"the train split gives no batch of {t.batch_size} per worker for {cfg.compute.num_workers} "
-                             "workers: lower train.batch_size or compute.num_workers")
+            raise ConfigError(f"the train split gives no batch of {t.batch_size} per worker for {cfg.compute.num_workers} "
+                              "workers: lower train.batch_size or compute.num_workers")
+
+
+def show(progress: Progress, note: str, final: bool) -> None:
+    """Rank 0's progress line, every few seconds and at the end."""
+    progress.note = note
+    progress.update()
+    if final:
+        progress.finish()

@@ -37,8 +37,9 @@ class Recipe(Protocol):
         """``train`` section values made absolute for the workers (local paths)."""
         ...
 
-    def check(self, ids: list[str]) -> None:
-        """On the driver: the inputs training reads exist (errors name the file and the fix)."""
+    def check(self, ids: list[str], names: list[str]) -> None:
+        """On the driver: the inputs training reads exist and were made for the dataset's class ``names``
+        (errors name the file and the fix)."""
         ...
 
     def dataset(self, ids: list[str], payload: dict[str, Any]):
@@ -99,10 +100,10 @@ class SegmenterRecipe:
         pseudo = self.cfg.train.pseudo_masks
         return {"pseudo_masks": pseudo if data.uses_ground_truth(self.cfg) else storage.absolute(pseudo)}
 
-    def check(self, ids: list[str]) -> None:
+    def check(self, ids: list[str], names: list[str]) -> None:
         from wsss_platform.train import data
 
-        data.check_pseudo_masks(self.cfg, ids)
+        data.check_pseudo_masks(self.cfg, ids, names)
 
     def dataset(self, ids: list[str], payload: dict[str, Any]):
         from wsss_platform.train import data
@@ -144,16 +145,14 @@ class SegmenterRecipe:
         return load_segmenter(uri, options)
 
     def preview(self, net: torch.nn.Module, ds) -> bytes:
-        from wsss_platform import storage
-        from wsss_platform.datasets.base import decode_mask
         from wsss_platform.label import outputs
         from wsss_platform.train import data, evaluate
 
         rows = []
         for image_id in ds.ids[: self.cfg.tracking.preview_images]:
             row = ds.load(image_id)
-            pseudo = row.mask if data.uses_ground_truth(self.cfg) else decode_mask(storage.read_bytes(
-                outputs.pseudo_uri(self.cfg.train.pseudo_masks, image_id), self.cfg.dataset.storage), image_id)
+            pseudo = row.mask if data.uses_ground_truth(self.cfg) else data.read_label_png(
+                outputs.pseudo_uri(self.cfg.train.pseudo_masks, image_id), self.cfg.dataset.storage)
             rows.append((image_id, row.image, pseudo, row.mask))
         return evaluate.preview(net, rows)
 

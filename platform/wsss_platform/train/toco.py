@@ -80,7 +80,7 @@ class ToCoRecipe:
     def absolute_train(self) -> dict[str, Any]:
         return {}
 
-    def check(self, ids: list[str]) -> None:
+    def check(self, ids: list[str], names: list[str]) -> None:
         """Nothing beyond the split itself: image-level labels come with every row."""
 
     def dataset(self, ids: list[str], payload: dict[str, Any]):

@@ -142,7 +142,7 @@ def _trainer(recipe: Recipe, loop_config: dict[str, Any], train_ds, callbacks: l
                 checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.compute.max_failures),
             callbacks=[StopOnPermanentError(), *(callbacks or [])],
-            # Train's own per-report and setup lines only with --verbose; the loop prints one line per checkpoint
+            # Train's own per-report and setup lines only with --verbose; rank 0 prints the progress lines
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")))
 
 

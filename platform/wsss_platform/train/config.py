@@ -31,9 +31,14 @@ class SegmenterModel(ModelBase):
     """A timm model name (CNN or ViT) or ``open_clip:<name or model-config JSON>`` (a CLIP visual tower)."""
     pretrained: str = "openai"
     """``none``, ``timm`` (timm's own weights), an open_clip tag, or a weights file (path or s3:// URI)."""
-    head: Literal["aspp", "largefov"] = "aspp"
+    head: Literal["aspp", "largefov", "conv"] = "aspp"
+    """``conv``: a light 3×3 + 1×1 head, the usual choice on a frozen backbone."""
     output_stride: Literal[8, 16] = 16
     """CNN backbones only."""
+    freeze_backbone: bool = False
+    """Train the head alone on the backbone's features, computed once per image and cached
+    (``train.feature_cache``): minutes on a CPU, and a training sweep's trials reuse one cache. The
+    trained network (backbone + head) predicts like a fine-tuned one."""
 
 
 class ScheduleBase(Section):
@@ -78,6 +83,16 @@ class Schedule(ScheduleBase):
     """CGL: pixels whose pseudo-mask confidence is below mu are ignored (0 = plain cross-entropy)."""
     eval_scales: list[float] = Field(default_factory=lambda: [1.0])
     eval_flip: bool = False
+    feature_scale: float = Field(1.0, gt=0, le=4)
+    """model.freeze_backbone: the images are resized by it before their features are computed (1: each
+    image at its own size); predict at this scale (``eval_scales``)."""
+    feature_cache: str = ""
+    """model.freeze_backbone: where the features are kept (default ``<output>/features``); trainings of
+    the same backbone, weights and scale share one (a sweep's trials do)."""
+    label_pitch: int = Field(4, ge=1)
+    """model.freeze_backbone: the loss is taken at one label pixel in ``pitch`` each way (the logits
+    upsampled from the grid to that pitch): boundaries within ``pitch`` / 2 pixels at a 16th of the
+    full-resolution loss's cost, which is most of a step on a CPU."""
 
 
 class TrainCompute(Section):

@@ -80,3 +80,17 @@ def train_dataset(cfg: TrainConfig, ids: list[str], dataset_payload: dict[str, A
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors),
                              fn_constructor_kwargs={"dataset": dataset_payload, "train": cfg.train.model_dump(mode="json"),
                                                     "pseudo_masks": pseudo})
+
+
+def feature_dataset(cfg: TrainConfig, ids: list[str], dataset_payload: dict[str, Any], features_uri: str):
+    """Crops of the cached features and their labels (``features.FeatureSampleLoader``)."""
+    import ray
+
+    from wsss_platform.train.features import FeatureSampleLoader
+
+    pseudo = None if uses_ground_truth(cfg) else cfg.train.pseudo_masks
+    items = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
+    return items.map_batches(FeatureSampleLoader, batch_size=8, num_cpus=cfg.compute.loader_cpus,
+                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors),
+                             fn_constructor_kwargs={"dataset": dataset_payload, "train": cfg.train.model_dump(mode="json"),
+                                                    "pseudo_masks": pseudo, "uri": features_uri})

@@ -70,7 +70,7 @@ def _val(cfg: TrainBase) -> tuple[dict[str, Any] | None, list[str]]:
     return val_cfg.worker_payload(), list(ds.ids)
 
 
-RESUMABLE_KEYS = ("iterations", "checkpoint_every", "eval_every", "eval_scales", "eval_flip")
+RESUMABLE_KEYS = ("iterations", "checkpoint_every", "eval_every", "eval_scales", "eval_flip", "feature_cache")
 """train.* keys a continued training may change (a longer schedule, other evaluation)."""
 
 
@@ -127,7 +127,7 @@ def _trainer(recipe: Recipe, loop_config: dict[str, Any], train_ds, callbacks: l
     from wsss_platform.train.failures import StopOnPermanentError
 
     cfg = recipe.cfg
-    use_gpu = cluster_gpus() > 0 if cfg.compute.use_gpu == "auto" else bool(cfg.compute.use_gpu)
+    use_gpu = uses_gpu(cfg)
     pa_fs, root = storage.pyarrow_filesystem(cfg.output, cfg.dataset.storage)
     has_val = bool(loop_config["val_ids"])
     return TorchTrainer(
@@ -144,6 +144,10 @@ def _trainer(recipe: Recipe, loop_config: dict[str, Any], train_ds, callbacks: l
             callbacks=[StopOnPermanentError(), *(callbacks or [])],
             # Train's own per-report and setup lines only with --verbose; rank 0 prints the progress lines
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")))
+
+
+def uses_gpu(cfg: TrainBase) -> bool:
+    return cluster_gpus() > 0 if cfg.compute.use_gpu == "auto" else bool(cfg.compute.use_gpu)
 
 
 def check_cpus(cfg: TrainBase, concurrent: int = 1, overhead: float = 0.0) -> None:
@@ -329,6 +333,8 @@ def _fit(p: Plan, state: dict[str, Any], summary: TrainSummary, log) -> None:
         record = {"config": loop_config["cfg"], "mlflow_run_id": summary.run_id, "code": code_version()}
         storage.write_text(storage.join(cfg.output, "train.json"), json.dumps(record, indent=2), cfg.dataset.storage)
         loop_config["progress"] = True  # rank 0's progress lines (a sweep's trials show none)
+        if hasattr(p.recipe, "prepare"):
+            p.recipe.prepare(ds.ids, p.payload, loop_config["num_classes"], uses_gpu(cfg), log)
         log(f"[wsss train] starting {cfg.compute.num_workers} worker(s) and the data loader; the first iteration "
             "waits for its first batch")
         result = fit(p.trainer())

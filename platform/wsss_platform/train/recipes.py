@@ -46,6 +46,9 @@ class Recipe(Protocol):
         """The Ray Dataset of augmented training samples."""
         ...
 
+    # Optional: ``prepare(ids, payload, num_classes, use_gpu, log)``, on the driver once Ray runs and
+    # before the workers start (the segmenter's frozen features are computed there).
+
     def build(self, num_classes: int, weights: Any) -> torch.nn.Module:
         """The module trained (with ``param_groups(lr, head_lr_mult, weight_decay)``)."""
         ...
@@ -105,19 +108,34 @@ class SegmenterRecipe:
 
         data.check_pseudo_masks(self.cfg, ids, names)
 
-    def dataset(self, ids: list[str], payload: dict[str, Any]):
-        from wsss_platform.train import data
+    def prepare(self, ids: list[str], payload: dict[str, Any], num_classes: int, use_gpu: bool, log) -> None:
+        """A frozen backbone's features computed once per image (or found in the cache)."""
+        from wsss_platform.train import features
 
+        if not self.cfg.model.freeze_backbone:
+            return
+        log(f"[wsss train] computing the frozen backbone's features of {len(ids)} images (cached: reused when "
+            "the backbone, its weights, the scale and the image are the same)")
+        uri, computed = features.ensure_features(self.cfg, ids, payload, num_classes, use_gpu)
+        log(f"[wsss train] features: {computed} computed, {len(ids) - computed} reused ({uri})")
+
+    def dataset(self, ids: list[str], payload: dict[str, Any]):
+        from wsss_platform.train import data, features
+
+        if self.cfg.model.freeze_backbone:  # the cache `prepare` filled
+            return data.feature_dataset(self.cfg, ids, payload, features.cache_uri(self.cfg))
         return data.train_dataset(self.cfg, ids, payload)
 
     def build(self, num_classes: int, weights: Any) -> torch.nn.Module:
-        from wsss_core.models.segmenter import create_segmenter
+        from wsss_platform.train.features import FrozenHead, build_segmenter
 
-        m = self.cfg.model
-        return create_segmenter(m.backbone, num_classes, weights, m.head, m.output_stride)
+        net = build_segmenter(self.cfg, num_classes, weights)
+        return FrozenHead(net, self.cfg.train.label_pitch) if self.cfg.model.freeze_backbone else net
 
     def network(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
+        from wsss_platform.train.features import FrozenHead
+
+        return module.segmenter if isinstance(module, FrozenHead) else module
 
     def spec(self, module: torch.nn.Module, class_names: list[str]) -> dict[str, Any]:
         from wsss_platform.train.checkpoint import segmenter_spec
@@ -129,15 +147,19 @@ class SegmenterRecipe:
         from wsss_core.losses import cgl_loss
         from wsss_platform.train.evaluate import unwrap
 
-        pixels = unwrap(module).normalize(batch["image"].to(device))
+        if self.cfg.model.freeze_backbone:
+            logits = module(batch["features"].to(device).float())
+        else:
+            logits = module(unwrap(module).normalize(batch["image"].to(device)))
         mask, conf = batch["mask"].to(device).long(), batch["confidence"].to(device).float() / 255
-        return {"loss": cgl_loss(module(pixels), mask, conf, self.cfg.train.mu)}
+        return {"loss": cgl_loss(logits, mask, conf, self.cfg.train.mu)}
 
     def validation(self, module: torch.nn.Module, ds, config: dict[str, Any], device: torch.device,
                    final: bool) -> dict[str, float]:
         from wsss_platform.train import evaluate
 
-        return evaluate.validation(self.cfg, module, ds, config, device, final)
+        # the whole network on the val images, as `wsss predict` runs it
+        return evaluate.validation(self.cfg, self.network(evaluate.unwrap(module)), ds, config, device, final)
 
     def load(self, uri: str, options: StorageOptions | None) -> tuple[torch.nn.Module, list[str]]:
         from wsss_platform.train.checkpoint import load_segmenter

@@ -95,8 +95,9 @@ def test_submit_train_then_predict(tmp_path, ray_head, capsys):
     assert len(list((tmp_path / "pred" / "masks").glob("*.png"))) == 2
 
 
-def training_sweep_file(tmp_path, labelled):
-    """4 trials over train.mu, each a 4-iteration Train run scored twice on val (ASHA in between)."""
+def training_sweep_file(tmp_path, labelled, frozen: bool = False):
+    """4 trials over train.mu, each a 4-iteration Train run scored twice on val (ASHA in between);
+    ``frozen``: the head on the frozen backbone's features."""
     import yaml
 
     from .test_train import TINY_TRAIN
@@ -107,9 +108,11 @@ def training_sweep_file(tmp_path, labelled):
         section, name = key.split(".")
         train.setdefault(section, {})[name] = yaml.safe_load(value)
     train["compute"] |= {"num_workers": 1, "cpus_per_worker": 0.4, "loader_cpus": 0.4}
+    if frozen:
+        train["model"] |= {"head": "conv", "freeze_backbone": True}
     doc = {"train": train, "search_space": {"train.mu": {"choices": [0.0, 0.5, 0.9, 0.95]}},
            "tune": {"num_trials": 4, "max_concurrent_trials": 2, "report_chunks": 2, "seed": 1},
-           "output": str(tmp_path / "sweep"), "tracking": {"experiment": "train-sweep"}}
+           "output": str(tmp_path / "sweep"), "tracking": {"experiment": "train-sweep-frozen" if frozen else "train-sweep"}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(doc))
     return tmp_path / "sweep.yaml"
 
@@ -127,11 +130,13 @@ def test_training_sweep_needs_the_state_api(tmp_path, labelled, ray_local):
 
 
 @pytest.mark.slow
-def test_submit_training_sweep_tune_asha_mlflow_parent_and_children(tmp_path, labelled, ray_head, mlflow_server,
+@pytest.mark.parametrize("frozen", [False, True], ids=["fine-tuned", "frozen"])
+def test_submit_training_sweep_tune_asha_mlflow_parent_and_children(frozen, tmp_path, labelled, ray_head, mlflow_server,
                                                                     monkeypatch, capsys):
     """`wsss submit sweep` with a training config: 4 trials, each a Ray Train run scored by val mIoU, on a
     2-CPU cluster (trials that ASHA stops must give their workers back); a parent MLflow run with one
-    child per trial; best.yaml is a training config `wsss train` accepts."""
+    child per trial; best.yaml is a training config `wsss train` accepts. Frozen: the backbone's
+    features computed once, before the trials, into the sweep's cache, and no trial computes its own."""
     import yaml
     from mlflow.tracking import MlflowClient
 
@@ -139,8 +144,8 @@ def test_submit_training_sweep_tune_asha_mlflow_parent_and_children(tmp_path, la
     from wsss_platform.train.config import TrainConfig
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    rc = main(["submit", "sweep", "--address", ray_head, "--config", str(training_sweep_file(tmp_path, labelled)),
-               "--follow"])
+    rc = main(["submit", "sweep", "--address", ray_head, "--config",
+               str(training_sweep_file(tmp_path, labelled, frozen)), "--follow"])
     printed = capsys.readouterr().out
     assert rc == 0, printed[-3000:]
     found = re.search(r"\[wsss sweep\] (\d) trials complete, (\d) stopped early, 0 failed \(budget 4\)", printed)
@@ -149,8 +154,12 @@ def test_submit_training_sweep_tune_asha_mlflow_parent_and_children(tmp_path, la
     assert build_config(TrainConfig, best).train.mu in (0.0, 0.5, 0.9, 0.95)
     trials = list((tmp_path / "sweep" / "trials").iterdir())
     assert len(trials) == 4 and all(any(t.glob("train/checkpoint_*")) for t in trials)
+    if frozen:
+        assert "[wsss train] features: 16 computed, 0 reused" in printed, printed[-3000:]
+        assert len(list((tmp_path / "sweep" / "cache" / "features").glob("*/*.npz"))) == 16
+        assert not any((t / "features").exists() for t in trials)
     client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("train-sweep")
+    exp = client.get_experiment_by_name("train-sweep-frozen" if frozen else "train-sweep")
     parent = client.search_runs([exp.experiment_id], "tags.`wsss.job` = 'sweep'")[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["wsss.model"].startswith("open_clip:tiny")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")

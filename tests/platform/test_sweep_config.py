@@ -185,6 +185,12 @@ def test_a_training_sweep_is_validated_against_the_training_config(tmp_path):
         load_sweep_config(None, ["train={}", "search_space={\"train.mu\": {\"low\": 0.5, \"high\": 1.5}}"])
     with pytest.raises(ConfigError, match=r"search_space.caa.t: not a sweepable training key"):
         load_sweep_config(None, ["train={}", "search_space={\"caa.t\": {\"low\": 1, \"high\": 2}}"])
+    with pytest.raises(ConfigError, match=r"search_space.train.feature_scale: with model.freeze_backbone every trial "
+                                         r"reads one feature cache"):
+        from wsss_platform.sweep.train_objective import TrainObjective
+
+        TrainObjective.check(load_sweep_config(None, ["train={\"model\": {\"freeze_backbone\": true}}",
+                                                      "search_space={\"train.feature_scale\": {\"choices\": [0.5, 1]}}"])[0])
     with pytest.raises(ConfigError, match=r"a training sweep scores val mIoU"):
         load_sweep_config(None, ["train={}", "objective=sharpness", "search_space={\"train.mu\": {\"choices\": [0.9]}}"])
     # A trial: its params set, evaluated at report_chunks evenly spaced points, its own output, no MLflow run.

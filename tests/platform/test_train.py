@@ -142,12 +142,14 @@ def _recipe_config(recipe: str, labelled, extra: list[str]):
 
         return build_config(AffinityConfig, {}, [f"dataset.uri={labelled / 'voc'}", f"train.cams={labelled / 'cams'}",
                                                  *TINY_AFFINITY, *extra])
+    frozen = ["model.head=conv", "model.freeze_backbone=true"] if recipe == "segmenter-frozen" else []
     return build_config(TrainConfig, {}, [f"dataset.uri={labelled / 'voc'}", f"train.pseudo_masks={labelled / 'labels'}",
-                                          *TINY_TRAIN, *extra])
+                                          *TINY_TRAIN, *frozen, *extra])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("recipe", "where"), [("segmenter", "local"), ("segmenter", "s3"), ("toco", "local"),
+@pytest.mark.parametrize(("recipe", "where"), [("segmenter", "local"), ("segmenter", "s3"), ("segmenter-frozen", "local"),
+                                               ("segmenter-frozen", "s3"), ("toco", "local"),
                                                ("toco", "s3"), ("affinity", "local"), ("affinity", "s3")])
 def test_a_killed_worker_resumes_from_the_last_checkpoint(recipe, where, labelled, tmp_path, ray_local, monkeypatch,
                                                           request):
@@ -183,11 +185,12 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(recipe, where, labelle
     names = storage.list_names(storage.join(out, "train"))
     assert sum(n.startswith("checkpoint_2") for n in names) == 2  # num_to_keep, all of one run
     assert summary.checkpoint and storage.exists(storage.join(summary.checkpoint, "checkpoint.pt"))
-    assert [n for n in storage.list_names(out) if n != "train"] == ["train.json"]
+    # a frozen backbone's features are cached beside
+    assert [n for n in storage.list_names(out) if n not in ("train", "features")] == ["train.json"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["segmenter", "toco", "affinity"])
+@pytest.mark.parametrize("recipe", ["segmenter", "segmenter-frozen", "toco", "affinity"])
 def test_two_nodes_keep_identical_parameters_and_the_loss_falls(recipe, tmp_path):
     """2 Ray nodes on loopback, one gloo worker on each: parameters identical after every step (for ToCo:
     with PTC, CTC's teacher step, the head's loss and its CRF energy in every step)."""

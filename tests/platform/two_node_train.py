@@ -4,7 +4,8 @@ Two Ray nodes on loopback (``ray.cluster_utils.Cluster``), 2 CPU workers (gloo) 
 nodes (STRICT_SPREAD), the recipe's own module / optimiser / DDP (``loop.build``), step
 (``loop.step``) and Ray Data samples (``recipe.dataset``). After every step each worker's full
 parameter vector is gathered and compared; rank 0 writes what it saw to the JSON file argv[2].
-Usage: python two_node_train.py <demo VOC dataset> <result.json> <recipe: segmenter | toco | affinity>
+Usage: python two_node_train.py <demo VOC dataset> <result.json> <recipe: segmenter | segmenter-frozen | toco |
+affinity> (segmenter-frozen: the head on the frozen backbone's features, computed first on the cluster)
 """
 
 import json
@@ -59,6 +60,8 @@ SETTINGS = {
     "segmenter": ["train.pseudo_masks=none", "model.head=largefov", "train.batch_size=4", "train.crop_size=48",
                   "train.lr=0.005"],
     # seg_from 0: every term (PTC, CTC, the head's loss and its CRF energy) takes part from the first step
+    "segmenter-frozen": ["train.pseudo_masks=none", "model.head=conv", "model.freeze_backbone=true",
+                         "train.batch_size=4", "train.crop_size=48", "train.lr=0.01", "train.optimizer=adamw"],
     "toco": ["train.batch_size=2", "train.crop_size=64", "train.local_crop_size=32", "train.local_crops=2",
              "train.lr=0.001", "train.warmup_iterations=0", "train.seg_from=0", "train.cam_scales=[1.0]",
              "model.proj_dim=64"],
@@ -82,7 +85,7 @@ def main(dataset: str, result: str, recipe: str) -> None:
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cls = recipe_class(recipe)
+        cls = recipe_class(recipe.split("-")[0])
         settings = SETTINGS[recipe]
         if recipe == "affinity":  # the CAMs it learns from: the split labeled on this cluster first
             from wsss_platform.label.config import LabelConfig
@@ -94,12 +97,16 @@ def main(dataset: str, result: str, recipe: str) -> None:
             settings = [*settings, f"train.cams={cams}"]
         cfg = build_config(cls.config, {}, [
             f"dataset.uri={dataset}", "model.backbone=open_clip:tiny", "model.pretrained=none", "train.iterations=16",
-            "train.scale_range=[1.0,1.0]", "compute.num_workers=2", *settings])
+            "train.scale_range=[1.0,1.0]", "compute.num_workers=2",
+            f"output={os.path.join(os.path.dirname(result), 'out')}", *settings])
         ds = open_dataset(cfg.dataset)
+        r, ids, payload = cls(cfg), list(ds.ids), cfg.dataset.worker_payload()
+        if hasattr(r, "prepare"):  # a frozen backbone's features, computed on the cluster first
+            r.prepare(ids, payload, 1 + len(ds.classes.names), False, print)
         trainer = TorchTrainer(
-            per_worker, datasets={"train": cls(cfg).dataset(list(ds.ids), cfg.dataset.worker_payload())},
+            per_worker, datasets={"train": r.dataset(ids, payload)},
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "num_classes": 1 + len(ds.classes.names),
-                               "result": result, "recipe": recipe},
+                               "result": result, "recipe": cls.name},
             scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1},
                                                    placement_strategy="STRICT_SPREAD"),
             run_config=ray.train.RunConfig(storage_path=os.path.dirname(result), name="two-nodes"))

@@ -59,6 +59,11 @@ def train_trial(params: dict[str, Any], train: dict[str, Any], output: str, chun
     job.plan(cfg).trainer(callbacks=[ObjectiveReport(cfg.train.iterations)]).fit()
 
 
+FEATURE_KEYS = ("model.backbone", "model.pretrained", "model.output_stride", "model.freeze_backbone",
+                "train.feature_scale", "train.seed")
+"""What shapes a frozen backbone's features (train.seed: its random weights)."""
+
+
 class TrainObjective:
     """Val mIoU of a segmenter trained with each trial's settings."""
 
@@ -80,6 +85,11 @@ class TrainObjective:
         if cfg.train is not None and not cfg.train.train.val_split:
             raise ConfigError("train.train.val_split: a training sweep scores each trial on the val split; set one "
                               "with ground-truth masks")
+        if cfg.train is not None and cfg.train.model.freeze_backbone:
+            shaping = [k for k in cfg.search_space if k.startswith(FEATURE_KEYS)]
+            if shaping:  # the features are computed once, before the trials, for the base config
+                raise ConfigError(f"search_space.{shaping[0]}: with model.freeze_backbone every trial reads one feature "
+                                  "cache; sweep the head's settings, train.mu or train.lr, or one sweep per backbone")
 
     def resources(self) -> dict[str, float]:
         return {"cpu": TRIAL_CPUS}

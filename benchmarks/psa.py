@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from trainval import DATA, start_ray
 
 from wsss_core.maps import upsample
 from wsss_core.masks import cams_to_mask
@@ -41,7 +42,6 @@ from wsss_platform.train.checkpoint import load_state, resolve
 from wsss_platform.train.config import AffinityConfig
 from wsss_platform.train.job import run_train
 
-DATA = "../shared/benchmarks/synthshapes/trainval"
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 ALPHAS = (0.5, 1, 2, 4, 8, 16)
 REFERENCE = (8.0, 256)
@@ -111,12 +111,10 @@ def main() -> int:
     p.add_argument("--images", type=int, default=1000, help="train images labeled, learned from and scored")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    if not os.path.isdir(DATA):
-        print(f"{DATA} is not here: run from the repo root with ../shared present", file=sys.stderr)
+    if not start_ray():
         return 1
     import ray
 
-    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False, logging_level="ERROR")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     label, t_label = label_cams(args.workdir, args)

@@ -1,6 +1,6 @@
 """The segmenter as a head on the frozen tiny-CLIP tower, on the synthshapes yardstick (≤ 30 min on 2 CPU cores).
 
-    python benchmarks/segmenter.py [--workdir bench-segmenter] [--seeds 3] [--mus 0.5,0.8] [--no-crf]
+    python benchmarks/segmenter.py [--workdir bench-segmenter] [--seeds 3] [--mus 0.8] [--no-crf]
 
 1. ``wsss label`` the trainval train split (1,000 images) with CLIP-ES + CAA on the tiny CLIP
    (``jobs/configs/synthshapes.yaml``), and again with ``refine: [caa, crf]`` (the confidence then comes
@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from trainval import DATA, start_ray
 
 from wsss_platform.config import load_config
 from wsss_platform.datasets import DatasetConfig, open_dataset
@@ -39,7 +40,6 @@ from wsss_platform.label.job import run_label
 from wsss_platform.train.config import TrainConfig
 from wsss_platform.train.job import run_train
 
-DATA = "../shared/benchmarks/synthshapes/trainval"
 CONFIG = "jobs/configs/synthshapes-train-frozen.yaml"
 
 
@@ -114,15 +114,13 @@ def main() -> int:
     p.add_argument("--workdir", default="bench-segmenter")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--mus", default="0.5,0.8", help="the small CGL sweep beside 0.95 (seed 0)")
+    p.add_argument("--mus", default="0.8", help="the small CGL sweep beside 0.95 (seed 0)")
     p.add_argument("--no-crf", action="store_true", help="skip the CRF labels")
     args = p.parse_args()
-    if not os.path.isdir(DATA):
-        print(f"{DATA} is not here: run from the repo root with ../shared present", file=sys.stderr)
+    if not start_ray():
         return 1
     import ray
 
-    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False, logging_level="ERROR")
     t_start = time.perf_counter()
     labels, miou, t_label = label(args.workdir, "labels", "[caa]", args)
     rows = [("pseudo masks (CLIP-ES + CAA), train split", f"{miou:.4f}", t_label)]

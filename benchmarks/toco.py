@@ -33,6 +33,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from trainval import DATA, start_ray
 
 from wsss_core.models.toco import ToCo, create_toco
 from wsss_platform.config import load_config
@@ -43,7 +44,6 @@ from wsss_platform.train.config import ToCoConfig
 from wsss_platform.train.job import run_train
 from wsss_platform.train.toco import ToCoRecipe
 
-DATA = "../shared/benchmarks/synthshapes/trainval"
 CONFIG = "jobs/configs/synthshapes-toco.yaml"
 VARIANTS = {
     "(a) classification only (cls + aux)": ["train.w_ptc=0", "train.w_ctc=0"],
@@ -117,12 +117,10 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=1,
                    help="trainings per variant (seeds 0..N-1); the target is checked on the means")
     args = p.parse_args()
-    if not os.path.isdir(DATA):
-        print(f"{DATA} is not here: run from the repo root with ../shared present", file=sys.stderr)
+    if not start_ray():
         return 1
     import ray
 
-    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False, logging_level="ERROR")
     t_start = time.perf_counter()
     clip_es = run_label(load_config(LabelConfig, "jobs/configs/synthshapes.yaml", [
         f"dataset.uri={DATA}", "dataset.split=val", f"output={os.path.join(args.workdir, 'clip-es-val')}", "refine=[]",

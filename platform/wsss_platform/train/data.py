@@ -28,6 +28,36 @@ def read_label_png(uri: str, options) -> np.ndarray:
         raise DatasetError(f"{e}: {outputs.DAMAGED}") from None
 
 
+def read_labels(row, pseudo_masks: str | None, options) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, confidence) a training reads for a dataset row: its pseudo mask and confidence from the
+    ``wsss label`` output ``pseudo_masks``, or (None) its ground truth at full confidence."""
+    if pseudo_masks is None:
+        if row.mask is None:
+            raise ValueError(f"{row.image_id}: no ground-truth mask to train on (train.pseudo_masks: none)")
+        return row.mask, np.full(row.mask.shape, 255, np.uint8)
+    return (read_label_png(outputs.pseudo_uri(pseudo_masks, row.image_id), options),
+            read_label_png(outputs.confidence_uri(pseudo_masks, row.image_id), options))
+
+
+def id_items(ids: list[str]):
+    """The split's ids as a Ray Dataset of ``image_id`` rows, in up to 64 blocks."""
+    import ray
+
+    return ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
+
+
+def loader_dataset(cfg: TrainConfig, ids: list[str], loader: type, **kwargs: Any):
+    """``loader`` (a Ray Data callable of image ids -> samples) over the ids, in an actor pool of up to
+    ``compute.loader_actors`` actors of ``loader_cpus`` each."""
+    import ray
+
+    pseudo = None if uses_ground_truth(cfg) else cfg.train.pseudo_masks
+    return id_items(ids).map_batches(
+        loader, batch_size=8, num_cpus=cfg.compute.loader_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors),
+        fn_constructor_kwargs={"train": cfg.train.model_dump(mode="json"), "pseudo_masks": pseudo, **kwargs})
+
+
 class SampleLoader:
     """Ray Data callable: image ids -> augmented (image, mask, confidence) crops."""
 
@@ -37,18 +67,9 @@ class SampleLoader:
         self.train, self.pseudo = train, pseudo_masks
         self.rng = np.random.default_rng()  # a new view every epoch: Ray Data reruns the map each pass
 
-    def _png(self, uri: str) -> np.ndarray:
-        return read_label_png(uri, self.opts)
-
     def sample(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         row = self.ds.load(image_id)
-        if self.pseudo is None:
-            if row.mask is None:
-                raise ValueError(f"{image_id}: no ground-truth mask to train on (train.pseudo_masks: none)")
-            mask, conf = row.mask, np.full(row.mask.shape, 255, np.uint8)
-        else:
-            mask = self._png(outputs.pseudo_uri(self.pseudo, image_id))
-            conf = self._png(outputs.confidence_uri(self.pseudo, image_id))
+        mask, conf = read_labels(row, self.pseudo, self.opts)
         t = self.train
         return random_scale_crop_flip(row.image, mask, conf, t["crop_size"], tuple(t["scale_range"]), self.rng, t["flip"])
 
@@ -72,25 +93,11 @@ def check_pseudo_masks(cfg: TrainConfig, ids: list[str], names: list[str]) -> No
 
 
 def train_dataset(cfg: TrainConfig, ids: list[str], dataset_payload: dict[str, Any]):
-    import ray
-
-    pseudo = None if uses_ground_truth(cfg) else cfg.train.pseudo_masks
-    items = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
-    return items.map_batches(SampleLoader, batch_size=8, num_cpus=cfg.compute.loader_cpus,
-                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors),
-                             fn_constructor_kwargs={"dataset": dataset_payload, "train": cfg.train.model_dump(mode="json"),
-                                                    "pseudo_masks": pseudo})
+    return loader_dataset(cfg, ids, SampleLoader, dataset=dataset_payload)
 
 
 def feature_dataset(cfg: TrainConfig, ids: list[str], dataset_payload: dict[str, Any], features_uri: str):
     """Crops of the cached features and their labels (``features.FeatureSampleLoader``)."""
-    import ray
-
     from wsss_platform.train.features import FeatureSampleLoader
 
-    pseudo = None if uses_ground_truth(cfg) else cfg.train.pseudo_masks
-    items = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
-    return items.map_batches(FeatureSampleLoader, batch_size=8, num_cpus=cfg.compute.loader_cpus,
-                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors),
-                             fn_constructor_kwargs={"dataset": dataset_payload, "train": cfg.train.model_dump(mode="json"),
-                                                    "pseudo_masks": pseudo, "uri": features_uri})
+    return loader_dataset(cfg, ids, FeatureSampleLoader, dataset=dataset_payload, uri=features_uri)

@@ -5,7 +5,8 @@ Cache layout: ``<train.feature_cache or output/features>/<key>/<image_id>.npz``,
 fingerprint of what shapes the features (backbone, its weights' identity: a tag, or a file's URI,
 size and ETag/mtime; random weights: their seed; ``feature_scale``; output stride). Each file holds
 ``features`` (float16 [D, h, w]), ``size`` (the resized image's H, W), ``stride`` (pixels per grid
-cell) and ``digest`` (of the decoded image): an entry whose image changed is computed again; one whose key and digest agree is reused.
+cell) and ``digest`` (of the decoded image): an entry whose image changed is computed again; one
+whose key and digest agree is reused.
 Trainings with the same key (a sweep's trials over ``mu``, ``lr``, the head) share one cache.
 
 Training samples are crops of the feature grid (``crop_size`` / stride cells, flipped), and the
@@ -27,10 +28,10 @@ from PIL import Image
 
 from wsss_platform import storage
 from wsss_platform.datasets import DatasetConfig, open_dataset
-from wsss_platform.label import outputs
 from wsss_platform.ownership import fingerprint
 from wsss_platform.storage import StorageOptions
 from wsss_platform.train.config import TrainConfig
+from wsss_platform.train.data import id_items, read_labels
 
 IGNORE = 255
 
@@ -132,8 +133,7 @@ def ensure_features(cfg: TrainConfig, ids: list[str], payload: dict[str, Any], n
 
     uri = cache_uri(cfg)
     train_cfg = cfg.model_dump(mode="json") | {"dataset": payload}
-    items = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
-    rows = items.map_batches(FeatureWriter, batch_size=8, num_gpus=1 if use_gpu else 0,
+    rows = id_items(ids).map_batches(FeatureWriter, batch_size=8, num_gpus=1 if use_gpu else 0,
                              num_cpus=cfg.compute.cpus_per_worker,
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.num_workers),
                              fn_constructor_kwargs={"cfg": train_cfg, "num_classes": num_classes, "uri": uri})
@@ -181,16 +181,7 @@ class FeatureSampleLoader:
         self.rng = np.random.default_rng()
 
     def _labels(self, image_id: str, size: tuple[int, int]) -> list[np.ndarray]:
-        from wsss_platform.train.data import read_label_png
-
-        if self.pseudo is None:
-            mask = self.ds.load(image_id).mask
-            if mask is None:
-                raise ValueError(f"{image_id}: no ground-truth mask to train on (train.pseudo_masks: none)")
-            labels = [mask, np.full(mask.shape, 255, np.uint8)]
-        else:
-            labels = [read_label_png(outputs.pseudo_uri(self.pseudo, image_id), self.opts),
-                      read_label_png(outputs.confidence_uri(self.pseudo, image_id), self.opts)]
+        labels = list(read_labels(self.ds.load(image_id), self.pseudo, self.opts))
         if labels[0].shape != tuple(size):  # nearest: labels are classes, confidences are read per pixel
             labels = [np.asarray(Image.fromarray(lab).resize(size[::-1], Image.NEAREST)) for lab in labels]
         return labels

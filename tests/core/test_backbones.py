@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from wsss_core.models.backbones import create_backbone, resize_pos_embed
+from wsss_core.models.backbones import create_backbone
 from wsss_core.models.clip import ClipViT, create_clip
+from wsss_core.models.grid import resize_pos_embed
 
 
 @pytest.mark.parametrize("name, kwargs, channels, grid", [

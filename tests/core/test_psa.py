@@ -6,14 +6,9 @@ import pytest
 import torch
 
 from wsss_core.losses.affinity import affinity_loss
+from wsss_core.pairs import pair_affinity, radius_offsets
 from wsss_core.refine.affinity_labels import affinity_labels, confident_regions
-from wsss_core.refine.random_walk import (
-    dense_affinity,
-    pair_affinity,
-    radius_offsets,
-    random_walk,
-    random_walk_banded,
-)
+from wsss_core.refine.random_walk import dense_affinity, random_walk, random_walk_banded
 
 
 def test_radius_offsets_are_psas_pairs_in_both_directions():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss_core.cams import class_activation, toco_cam
+from wsss_core.cams import toco_cam
 from wsss_core.losses import (
     balanced_seg_loss,
     ctc_loss,
@@ -17,6 +17,7 @@ from wsss_core.losses import (
     roi_map,
     token_labels_from_cam,
 )
+from wsss_core.models.toco import class_activation
 from wsss_core.refine import PAR, par
 from wsss_core.registry import REFINERS
 

@@ -1,7 +1,8 @@
 """ToCo's CAMs (Ru et al., CVPR 2023): the classifier's weights applied to every patch token.
 
 ToCo classifies by global max pooling of the patch tokens followed by a bias-free 1×1 conv, so the
-same conv applied before the pooling scores every token for every class: that is the CAM. At
+same conv applied before the pooling scores every token for every class: that is the CAM
+(``wsss_core.models.toco.class_activation``). At
 inference it is taken at several scales and both flips (the larger of the two flips, the sum over
 scales) and min–max normalised per class; the auxiliary classifier's CAM the same way.
 """
@@ -12,19 +13,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-
-
-def class_activation(tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``ReLU(W · t)`` per token.
-
-    Args:
-        tokens: [B, D, h, w] patch tokens on their grid.
-        weight: [C, D] (or the 1×1 conv's [C, D, 1, 1]) classifier weights.
-
-    Returns:
-        [B, C, h, w].
-    """
-    return torch.einsum("bdhw,cd->bchw", tokens, weight.reshape(weight.shape[0], -1)).relu()
 
 
 def toco_cam(cam_fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,

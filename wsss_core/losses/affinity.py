@@ -16,7 +16,7 @@ def affinity_loss(affinity: torch.Tensor, pair_labels: dict[str, torch.Tensor]) 
     """The three terms and their weighted sum.
 
     Args:
-        affinity: [B, P, h, w] predicted ``W`` in (0, 1] (:func:`wsss_core.refine.random_walk.pair_affinity`).
+        affinity: [B, P, h, w] predicted ``W`` in (0, 1] (:func:`wsss_core.pairs.pair_affinity`).
         pair_labels: ``bg_pos``, ``fg_pos``, ``neg``: bool [B, P, h, w]
             (:func:`wsss_core.refine.affinity_labels.affinity_labels`).
 

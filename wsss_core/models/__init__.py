@@ -2,8 +2,9 @@
 weights."""
 
 from wsss_core.models.affinitynet import AffinityNet, create_affinitynet
-from wsss_core.models.backbones import Backbone, create_backbone, resize_pos_embed
+from wsss_core.models.backbones import Backbone, create_backbone
 from wsss_core.models.clip import ClipViT, create_clip
+from wsss_core.models.grid import resize_pos_embed
 from wsss_core.models.toco import ToCo, create_toco
 
 __all__ = ["AffinityNet", "Backbone", "ClipViT", "ToCo", "create_affinitynet", "create_backbone", "create_clip", "create_toco", "resize_pos_embed"]

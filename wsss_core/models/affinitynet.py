@@ -6,7 +6,7 @@
 
 Features of several depths of the backbone (PSA: ResNet-38's last three stages) are each reduced
 by a bias-free 1×1 conv + ELU (to 64, 128 and 256 channels), resized to the finest grid, concatenated
-and mixed by one more 1×1 conv + ELU. The affinity itself is :func:`wsss_core.refine.random_walk.pair_affinity`.
+and mixed by one more 1×1 conv + ELU. The affinity itself is :func:`wsss_core.pairs.pair_affinity`.
 
 PSA's grid is stride 8 (56² cells for a 448² crop); a ViT's is its patch (16). ``input_scale`` 2 has the
 network read the image upsampled 2× (positional embedding resized), so a ViT tower's cells are 8 image
@@ -24,7 +24,7 @@ from torch import nn
 
 from wsss_core.models.backbones import create_backbone
 from wsss_core.models.weights import WeightsSource
-from wsss_core.refine.random_walk import pair_affinity
+from wsss_core.pairs import pair_affinity
 
 
 class AffinityNet(nn.Module):

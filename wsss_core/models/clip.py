@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from wsss_core.models.backbones import resize_pos_embed
+from wsss_core.models.grid import resize_pos_embed
 from wsss_core.models.weights import (
     WeightsSource,
     check_clip_name,

@@ -22,10 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_core.cams.toco_cam import class_activation
 from wsss_core.models.backbones import create_backbone
 from wsss_core.models.segmenter import LargeFOV
 from wsss_core.models.weights import WeightsSource
+
+
+def class_activation(tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``ReLU(W · t)`` per token.
+
+    Args:
+        tokens: [B, D, h, w] patch tokens on their grid.
+        weight: [C, D] (or the 1×1 conv's [C, D, 1, 1]) classifier weights.
+
+    Returns:
+        [B, C, h, w].
+    """
+    return torch.einsum("bdhw,cd->bchw", tokens, weight.reshape(weight.shape[0], -1)).relu()
 
 
 class CTCHead(nn.Module):

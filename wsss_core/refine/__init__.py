@@ -1,6 +1,7 @@
 """Refinements of CAMs, each a registered refiner: CAA (CLIP-ES), the dense CRF and PAR (ToCo); PSA's
 random walk along a learned affinity and the affinity labels it learns from."""
 
+from wsss_core.pairs import pair_affinity, radius_offsets
 from wsss_core.refine.affinity_labels import (
     affinity_labels,
     confident_regions,
@@ -17,14 +18,7 @@ from wsss_core.refine.caa import (
 )
 from wsss_core.refine.crf import CRFUnavailableError, DenseCRF, dense_crf
 from wsss_core.refine.par import PAR, par, par_affinity
-from wsss_core.refine.random_walk import (
-    RandomWalk,
-    dense_affinity,
-    pair_affinity,
-    radius_offsets,
-    random_walk,
-    random_walk_banded,
-)
+from wsss_core.refine.random_walk import RandomWalk, dense_affinity, random_walk, random_walk_banded
 
 __all__ = [
     "CAA",

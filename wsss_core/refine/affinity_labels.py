@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from wsss_core.masks import IGNORE
-from wsss_core.refine.random_walk import radius_offsets, shifted
+from wsss_core.pairs import radius_offsets, shifted
 
 
 def confident_regions(cams: torch.Tensor, labels: torch.Tensor, alpha_low: float = 4.0, alpha_high: float = 32.0,
@@ -59,7 +59,7 @@ def pair_labels_in_radius(region: torch.Tensor, radius: int = 5) -> dict[str, to
     Args:
         region: long [B, h, w].
         radius: pairs (i, j) with |i − j|² < radius² (reference 5), over
-            :func:`wsss_core.refine.random_walk.radius_offsets`.
+            :func:`wsss_core.pairs.radius_offsets`.
 
     Returns:
         bool [B, P, h, w] each, for the pair of pixel (y, x) and its neighbour at offset P:

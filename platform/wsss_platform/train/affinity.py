@@ -134,8 +134,8 @@ class AffinityRecipe:
     def losses(self, module: torch.nn.Module, batch: dict[str, torch.Tensor], iteration: int,
                device: torch.device) -> dict[str, torch.Tensor]:
         from wsss_core.losses.affinity import affinity_loss
+        from wsss_core.pairs import pair_affinity
         from wsss_core.refine.affinity_labels import pair_labels_in_radius
-        from wsss_core.refine.random_walk import pair_affinity
         from wsss_platform.train.evaluate import unwrap
 
         features = module(unwrap(module).normalize(batch["image"].to(device)))
@@ -183,7 +183,7 @@ class AffinityRecipe:
 
     def preview(self, net: torch.nn.Module, ds) -> bytes:
         """image | affinity to the 4 nearest neighbours (dark: an edge) | CAM mask | random walk | ground truth."""
-        from wsss_core.refine.random_walk import radius_offsets
+        from wsss_core.pairs import radius_offsets
         from wsss_platform.preview import colour, heatmap, panels
         from wsss_platform.train.evaluate import unwrap
 

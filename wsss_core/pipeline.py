@@ -95,13 +95,28 @@ class PseudoMasker:
         return results
 
 
-class LabelingPipeline:
-    """A CAM source and a :class:`PseudoMasker` as one batch callable: images + labels -> masks."""
+def kept_as(output: CamOutput, dtype: torch.dtype) -> CamOutput:
+    """``output`` with its CAMs and aux rounded to ``dtype`` (and back to their own dtype)."""
+    return CamOutput(output.labels, output.cams.to(dtype).to(output.cams.dtype), output.scores,
+                     {k: v.to(dtype).to(v.dtype) for k, v in output.aux.items()})
 
-    def __init__(self, source: CamSource, masker: PseudoMasker) -> None:
-        self.source, self.masker = source, masker
+
+class LabelingPipeline:
+    """A CAM source and a :class:`PseudoMasker` as one batch callable: images + labels -> masks.
+
+    Args:
+        kept_dtype: the dtype the CAMs and aux are kept in afterwards (e.g. float16 in a cache), or
+            None. The masks are then refined from those rounded values, so refining the kept CAMs
+            again gives back the same masks: a refiner such as CAA can turn a last-bit difference
+            in nearly flat CAMs into a different box.
+    """
+
+    def __init__(self, source: CamSource, masker: PseudoMasker, kept_dtype: torch.dtype | None = None) -> None:
+        self.source, self.masker, self.kept_dtype = source, masker, kept_dtype
 
     def __call__(self, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]]) -> list[PseudoMask]:
         """Images uint8 [H_i, W_i, 3] and their present classes (1-based) -> one PseudoMask each."""
         outputs = self.source(images, labels, aux=self.masker.aux_keys)
+        if self.kept_dtype is not None:
+            outputs = [kept_as(o, self.kept_dtype) for o in outputs]
         return self.masker(outputs, [tuple(im.shape[:2]) for im in images], images if self.masker.needs_image else None)

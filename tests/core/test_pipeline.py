@@ -112,3 +112,31 @@ def test_map_helpers():
     assert padded.shape == (3, 2, 3, 3) and padded[1].sum() == 0 and padded[2, 1].sum() == 0
     assert upsample(torch.zeros(0, 3, 3), (6, 6)).shape == (0, 6, 6)
     assert confidence(torch.rand(2, 3, 5, 5)).shape == (2, 5, 5)
+
+
+class FlatAttnSource:
+    """Nearly flat CAMs (last-bit differences) and random attention: where rounding moves CAA's boxes."""
+
+    provides: ClassVar[frozenset[str]] = frozenset({"attn"})
+
+    def __call__(self, images, labels, aux=()):
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for ls in labels:
+            cams = 0.4 + 2e-4 * torch.rand(len(ls), 6, 6, generator=g)
+            attn = torch.softmax(4 * torch.randn(36, 36, generator=g), -1)
+            out.append(CamOutput(sorted(ls), cams, torch.full((len(ls),), 0.5), {k: attn for k in aux}))
+        return out
+
+
+def test_masks_are_refined_from_the_values_kept_so_refining_them_again_gives_them_back():
+    images, labels = [np.zeros((24, 24, 3), np.uint8)] * 3, [[1, 3], [2], [1, 2, 4]]
+    masker = PseudoMasker([CAA(attn_layers=2)])
+    kept = LabelingPipeline(FlatAttnSource(), masker, kept_dtype=torch.float16)(images, labels)
+    plain = LabelingPipeline(FlatAttnSource(), masker)(images, labels)
+    again = masker([CamOutput(r.labels, r.cams.half().float(), r.class_scores, {k: v.half().float() for k, v in r.aux.items()})
+                    for r in kept], [(24, 24)] * 3)
+    for k, a in zip(kept, again, strict=True):
+        assert torch.equal(k.mask, a.mask) and torch.equal(k.refined, a.refined)
+    # without rounding first, the float32 CAMs give other masks than the float16 ones a cache holds
+    assert any(not torch.equal(p.mask, a.mask) for p, a in zip(plain, again, strict=True))

@@ -26,11 +26,11 @@ from wsss_core.models.clip import ClipViT, create_clip
 from wsss_core.pipeline import LabelingPipeline, PseudoMasker
 from wsss_core.prompts import build_prompts
 from wsss_core.refine import CAA
+from wsss_platform import outputs
 from wsss_platform.config import build_config
 from wsss_platform.datasets import DatasetConfig, open_dataset
 from wsss_platform.datasets.base import encode_mask_png
 from wsss_platform.datasets.demo import write_demo_dataset
-from wsss_platform.label import outputs
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.job import run_label
 

@@ -32,13 +32,13 @@ from wsss_core.masks import cams_to_mask
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.refine.random_walk import RandomWalk
 from wsss_core.registry import create_refiner
+from wsss_platform.checkpoint import load_state, resolve
 from wsss_platform.config import load_config
 from wsss_platform.datasets import open_dataset
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.job import run_label
-from wsss_platform.label.outputs import aux_of, cams_uri, decode_cams
+from wsss_platform.outputs import aux_of, cams_uri, decode_cams
 from wsss_platform.storage import read_bytes
-from wsss_platform.train.checkpoint import load_state, resolve
 from wsss_platform.train.config import AffinityConfig
 from wsss_platform.train.job import run_train
 

@@ -32,9 +32,9 @@ import torch
 from PIL import Image
 from trainval import DATA, start_ray
 
+from wsss_platform import outputs
 from wsss_platform.config import load_config
 from wsss_platform.datasets import DatasetConfig, open_dataset
-from wsss_platform.label import outputs
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.job import run_label
 from wsss_platform.train.config import TrainConfig

@@ -259,9 +259,9 @@ def add_train_args(p: argparse.ArgumentParser, inputs: tuple[str, ...] = tuple(T
 
 
 def add_submit_train_args(p: argparse.ArgumentParser) -> None:
-    from wsss_platform.train.recipes import RECIPES
+    from wsss_platform.train.recipes import recipe_names
 
-    p.add_argument("--recipe", choices=list(RECIPES), default="segmenter", help="what to train (`wsss train <recipe>`)")
+    p.add_argument("--recipe", choices=recipe_names(), default="segmenter", help="what to train (`wsss train <recipe>`)")
     add_train_args(p)
 
 
@@ -273,12 +273,12 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_commands(sub) -> None:
     """`wsss train <recipe> …` (one subcommand per training recipe) and `wsss predict`."""
-    from wsss_platform.train.recipes import RECIPES, recipe_class
+    from wsss_platform.train.recipes import recipe_class, recipe_names
 
     tr = sub.add_parser("train", help="train a model with Ray Train")
     _describe(tr, "train")
     rsub = tr.add_subparsers(dest="recipe", required=True)
-    for name in RECIPES:
+    for name in recipe_names():
         recipe = recipe_class(name)
         p = rsub.add_parser(name, help=recipe.description)
         _describe(p, f"train {name}")

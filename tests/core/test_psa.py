@@ -132,11 +132,11 @@ def test_psa_default_t_by_squaring_equals_256_steps():
 
 @pytest.mark.parametrize("backbone", ["resnet18", "vit_tiny_patch16_224", "open_clip:tiny"])
 def test_affinitynet_features_and_affinity(backbone):
-    from wsss_core.models.affinitynet import affinitynet_from_state, create_affinitynet
+    from wsss_core.models import create_network, network_from_state
 
     torch.manual_seed(5)
-    depths = (-3, -2, -1)
-    net = create_affinitynet(backbone, pretrained="none", depths=depths, dims=(8, 8, 16))
+    net = create_network("affinitynet", "none", backbone=backbone, depths=[-3, -2, -1], dims=[8, 8, 16],
+                         output_stride=8, class_names=["background", "a", "b", "c"])
     pixels = torch.randn(2, 3, 64, 80)
     f = net(pixels)
     assert f.shape == (2, 32, 64 // net.stride, 80 // net.stride) and (f > -1).all()  # ELU
@@ -146,17 +146,20 @@ def test_affinitynet_features_and_affinity(backbone):
                                              radius=3))
     terms["total"].backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)  # DDP: every parameter in the loss
-    again = affinitynet_from_state({"affinitynet": net.spec, "model": net.state_dict()})
+    again, names = network_from_state({"affinitynet": net.spec, "model": net.state_dict()})
+    assert names == ["background", "a", "b", "c"]
     torch.testing.assert_close(again(pixels), net.eval()(pixels))
 
 
 def test_affinitynet_input_scale_puts_a_vit_grid_at_stride_8():
     import torch.nn.functional as F
 
-    from wsss_core.models.affinitynet import affinitynet_from_state, create_affinitynet
+    from wsss_core.models import create_network, network_from_state
+    from wsss_core.models.affinitynet import create_affinitynet
 
     torch.manual_seed(7)
-    net = create_affinitynet("open_clip:tiny", pretrained="none", dims=(4, 4, 8), input_scale=2).eval()
+    net = create_network("affinitynet", "none", backbone="open_clip:tiny", depths=[-3, -2, -1], dims=[4, 4, 8],
+                         output_stride=8, input_scale=2.0, class_names=["background", "a"]).eval()
     pixels = torch.randn(1, 3, 64, 96)
     f = net(pixels)
     assert net.stride == 8 and f.shape[-2:] == (8, 12)  # a patch-16 tower on 8-pixel cells
@@ -165,23 +168,24 @@ def test_affinitynet_input_scale_puts_a_vit_grid_at_stride_8():
     plain.load_state_dict(net.state_dict())
     up = F.interpolate(pixels, scale_factor=2, mode="bilinear", align_corners=False)
     torch.testing.assert_close(f, plain(up))
-    again = affinitynet_from_state({"affinitynet": net.spec, "model": net.state_dict()})
+    again, _ = network_from_state({"affinitynet": net.spec, "model": net.state_dict()}, "affinitynet")
     assert again.input_scale == 2 and again.stride == 8
     torch.testing.assert_close(again(pixels), f)
     old = {k: v for k, v in net.spec.items() if k != "input_scale"}  # a checkpoint from before the option
-    assert affinitynet_from_state({"affinitynet": old, "model": net.state_dict()}).input_scale == 1
+    assert network_from_state({"affinitynet": old, "model": net.state_dict()})[0].input_scale == 1
 
 
 def test_random_walk_refiner_on_probabilities():
     import torch.nn.functional as F
 
-    from wsss_core.models.affinitynet import create_affinitynet
+    from wsss_core.models import create_network
     from wsss_core.pipeline import PseudoMasker
     from wsss_core.registry import create_refiner
     from wsss_core.types import CamOutput
 
     torch.manual_seed(6)
-    net = create_affinitynet("open_clip:tiny", pretrained="none", dims=(4, 4, 8))
+    net = create_network("affinitynet", "none", backbone="open_clip:tiny", depths=[-3, -2, -1], dims=[4, 4, 8],
+                         output_stride=8, class_names=["background", "a", "b"])
     state = {"affinitynet": net.spec, "model": net.state_dict()}
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(2)]

@@ -7,9 +7,8 @@ import torch.nn.functional as F
 
 from wsss_core.cams import toco_cam
 from wsss_core.classes import ClassSet
-from wsss_core.models import create_toco
+from wsss_core.models import create_network, network_from_state
 from wsss_core.models.backbones import create_backbone
-from wsss_core.models.toco import toco_from_state
 from wsss_core.registry import check_pipeline, create_cam_source
 
 CLASSES = ClassSet(("circle", "square", "star"))
@@ -17,18 +16,19 @@ CLASSES = ClassSet(("circle", "square", "star"))
 
 def _state(backbone: str = "open_clip:tiny") -> dict:
     torch.manual_seed(0)
-    net = create_toco(backbone, num_classes=3, pretrained="none", proj_dim=16)
-    return {"model": net.state_dict(), "toco": net.spec | {"class_names": ["background", *CLASSES.names]}}
+    net = create_network("toco", "none", backbone=backbone, aux_layer=-3, proj_dim=16,
+                         class_names=["background", *CLASSES.names])
+    return {"model": net.state_dict(), "toco": net.spec}
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_network():
     state = _state()
-    net, names = toco_from_state(state)
+    net, names = network_from_state(state, "toco")
     assert names == ["background", "circle", "square", "star"] and not net.training
     for k, v in net.state_dict().items():
         assert torch.equal(v, state["model"][k]), k
     with pytest.raises(ValueError, match="not a ToCo checkpoint"):
-        toco_from_state({"model": {}, "segmenter": {"class_names": names}})
+        network_from_state({"model": {}, "segmenter": {"class_names": names}}, "toco")
 
 
 @pytest.mark.parametrize("backbone", ["vit_tiny_patch16_224", "open_clip:tiny"])

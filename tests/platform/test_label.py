@@ -11,11 +11,10 @@ from PIL import Image
 
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.types import CamOutput
-from wsss_platform import storage
+from wsss_platform import outputs, storage
 from wsss_platform.config import build_config
 from wsss_platform.datasets import DatasetConfig, open_dataset
 from wsss_platform.datasets.demo import write_demo_dataset
-from wsss_platform.label import outputs
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.job import main_exit_code, run_label
 from wsss_platform.label.stages import build_masker
@@ -37,7 +36,8 @@ def check_outputs(cfg: LabelConfig, summary) -> None:
     manifest = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(cfg.output, "manifest.parquet"))))
     assert sorted(manifest.column("image_id").to_pylist()) == sorted(ds.ids)
     assert set(manifest.column("status").to_pylist()) == {"done"}
-    cm_raw, cm = ConfusionMatrix(ds.classes.num_classes + 1), ConfusionMatrix(ds.classes.num_classes + 1)
+    num_labels = ds.classes.num_classes + 1
+    cm_raw, cm, cm_written = (ConfusionMatrix(num_labels) for _ in range(3))
     for image_id in ds.ids:
         row = ds.load(image_id)
         with Image.open(io.BytesIO(storage.read_bytes(outputs.mask_uri(cfg.output, image_id)))) as im:
@@ -47,6 +47,7 @@ def check_outputs(cfg: LabelConfig, summary) -> None:
         # the uncut pseudo mask and the confidence give back the written mask for this mu (any mu, later)
         with Image.open(io.BytesIO(storage.read_bytes(outputs.pseudo_uri(cfg.output, image_id)))) as im:
             pseudo = np.asarray(im)
+        cm_written.update(pseudo, row.mask)
         conf = outputs.decode_confidence_png(storage.read_bytes(outputs.confidence_uri(cfg.output, image_id)))
         assert set(np.unique(pseudo)) <= {0, *row.labels} and conf.shape == pseudo.shape and conf.min() >= 0.5
         clear = np.abs(conf - cfg.mask.mu) > 1 / 255  # away from the rounding of the 8-bit confidence
@@ -71,6 +72,7 @@ def check_outputs(cfg: LabelConfig, summary) -> None:
         res = build_masker(cfg)([out], [tuple(cache["size"])], [row.image])[0]
         cm_raw.update(res.mask_raw, row.mask)
         cm.update(res.mask, row.mask)
+    assert summary.miou == pytest.approx(cm_written.miou(), abs=1e-9)  # the score is the written masks'
     if cfg.cache != "full":
         return
     assert summary.miou_raw == pytest.approx(cm_raw.miou(), abs=0.01)

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import kill_processes_with_env
+from wsss_platform import outputs
 from wsss_platform.datasets.demo import write_demo_dataset
-from wsss_platform.label import outputs
 from wsss_platform.label.job import run_label
 
 from .test_label import TINY, label_config

@@ -17,14 +17,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import TEST_KEY, TEST_SECRET
-from wsss_platform import storage
+from wsss_platform import outputs, storage
 from wsss_platform.cli import main
 from wsss_platform.config import ConfigError, build_config
 from wsss_platform.datasets import DatasetConfig
 from wsss_platform.datasets.base import DatasetError, decode_image, encode_jpeg, encode_mask_png
 from wsss_platform.datasets.check import check_dataset
 from wsss_platform.datasets.demo import write_demo_dataset
-from wsss_platform.label import outputs
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.job import main_exit_code, run_label
 from wsss_platform.ownership import LOCK_NAME, OutputBusy, OutputLock

@@ -54,10 +54,10 @@ def test_train_affinity_logs_its_three_terms_both_scores_and_an_affinity_preview
     state = torch.load(f"{summary.checkpoint}/checkpoint.pt", weights_only=True)
     assert state["iteration"] == 4 and state["affinitynet"]["dims"] == [8, 8, 16]
     assert state["affinitynet"]["input_scale"] == 2  # the walk reads the images as the network was trained
-    from wsss_platform.train.checkpoint import load_segmenter
+    from wsss_platform.checkpoint import load_network
 
     with pytest.raises(ValueError, match=r"is a affinitynet checkpoint, not a segmenter.s: .*random_walk.checkpoint"):
-        load_segmenter(summary.checkpoint)
+        load_network(summary.checkpoint)
 
 
 @pytest.mark.slow

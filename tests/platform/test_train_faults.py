@@ -75,7 +75,7 @@ def test_a_backbone_name_nothing_can_build_fails_when_the_config_is_read(config,
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path):
-    from wsss_platform.train.checkpoint import DamagedCheckpoint, load_state
+    from wsss_platform.checkpoint import DamagedCheckpoint, load_state
 
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")

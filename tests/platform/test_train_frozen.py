@@ -10,12 +10,12 @@ from PIL import Image
 
 from wsss_core.models.clip import create_clip
 from wsss_platform import storage
+from wsss_platform.checkpoint import load_state
 from wsss_platform.config import build_config
 from wsss_platform.datasets import DatasetConfig, open_dataset
 from wsss_platform.predict.config import PredictConfig
 from wsss_platform.predict.job import run_predict
 from wsss_platform.train import features
-from wsss_platform.train.checkpoint import load_state
 from wsss_platform.train.config import TrainConfig
 from wsss_platform.train.evaluate import segment
 from wsss_platform.train.job import run_train
@@ -57,6 +57,9 @@ def test_head_on_features_matches_the_whole_network_and_labels_line_up():
         assert (lab == expect[2::4, 2::4]).all()
 
 
+NAMES = ["background", *(f"class{i}" for i in range(1, 11))]  # the demo's 10 classes; only their number matters
+
+
 def _weights_file(path) -> str:
     torch.manual_seed(1)
     model, _ = create_clip("tiny", None)
@@ -71,7 +74,7 @@ def test_the_feature_cache_is_reused_and_recomputed_when_what_shapes_it_changes(
     cache = f"train.feature_cache={tmp_path / 'cache'}"
 
     def run(*extra: str) -> tuple[str, int]:
-        return features.ensure_features(_cfg(labelled, tmp_path / "out", cache, *extra), ids, payload, 11, False)
+        return features.ensure_features(_cfg(labelled, tmp_path / "out", cache, *extra), ids, payload, NAMES, False)
 
     uri, computed = run(f"model.pretrained={weights}")
     assert computed == len(ids) and sorted(storage.list_names(uri)) == sorted(f"{i}.npz" for i in ids)
@@ -113,7 +116,7 @@ def test_a_frozen_backbone_learns_nothing_and_predict_gives_the_training_network
     assert any("features: 16 computed, 0 reused" in ln for ln in lines), lines
     state = load_state(summary.checkpoint)
     cfg = _cfg(labelled, out)
-    initial = features.build_segmenter(cfg, 11, None)  # what the feature stage and every worker built
+    initial = features.build_segmenter(cfg, NAMES, None)  # what the feature stage and every worker built
     trained = {k: v for k, v in state["model"].items()}
     for k, v in initial.state_dict().items():
         if k.startswith("backbone."):

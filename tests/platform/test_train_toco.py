@@ -63,10 +63,10 @@ def test_train_toco_logs_every_loss_term_both_val_scores_and_a_cam_preview(toco_
     net = mlflow.pytorch.load_model(models[0].model_uri)
     assert net(torch.randn(1, 3, 48, 64))["logits"].shape == (1, len(state["toco"]["class_names"]) - 1)
     # wsss predict takes segmenters: a ToCo checkpoint is named for what it is, with what to do instead
-    from wsss_platform.train.checkpoint import load_segmenter
+    from wsss_platform.checkpoint import load_network
 
     with pytest.raises(ValueError, match=r"is a toco checkpoint, not a segmenter.s: .* cam_source=toco model.checkpoint"):
-        load_segmenter(summary.checkpoint)
+        load_network(summary.checkpoint)
 
 
 @pytest.mark.parametrize("refine", [["caa"], pytest.param(["par"], marks=pytest.mark.slow),

@@ -30,7 +30,7 @@ def per_worker(config):
     recipe = cls(cls.config.model_validate(config["cfg"]))
     cfg = recipe.cfg
     torch.manual_seed(cfg.train.seed)
-    model, optimizer, scheduler = loop.build(recipe, config["num_classes"], None)
+    model, optimizer, scheduler = loop.build(recipe, config["class_names"], None)
     nodes = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     losses, diffs, first = [], [], None
@@ -101,11 +101,11 @@ def main(dataset: str, result: str, recipe: str) -> None:
             f"output={os.path.join(os.path.dirname(result), 'out')}", *settings])
         ds = open_dataset(cfg.dataset)
         r, ids, payload = cls(cfg), list(ds.ids), cfg.dataset.worker_payload()
-        if hasattr(r, "prepare"):  # a frozen backbone's features, computed on the cluster first
-            r.prepare(ids, payload, 1 + len(ds.classes.names), False, print)
+        names = ["background", *ds.classes.names]
+        r.prepare(ids, payload, names, False, print)  # a frozen backbone's features, computed on the cluster first
         trainer = TorchTrainer(
             per_worker, datasets={"train": r.dataset(ids, payload)},
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "num_classes": 1 + len(ds.classes.names),
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "class_names": names,
                                "result": result, "recipe": cls.name},
             scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1},
                                                    placement_strategy="STRICT_SPREAD"),

@@ -24,6 +24,7 @@ from wsss_core.cams.clip_source import DTYPES, Precision, attn_layers_of
 from wsss_core.cams.toco_cam import toco_cam
 from wsss_core.classes import ClassSet
 from wsss_core.maps import size_batches
+from wsss_core.models.networks import network_from_state
 from wsss_core.registry import CAM_SOURCES
 from wsss_core.types import CamOutput
 
@@ -45,10 +46,7 @@ class ToCoSource:
     def __init__(self, checkpoint: Mapping[str, Any], classes: ClassSet, device: torch.device | str = "cpu",
                  precision: Precision = "fp32", batch_size: int = 8,
                  scales: Sequence[float] = (1.0, 0.5, 1.5)) -> None:
-        # imported here: wsss_core.models.toco imports wsss_core.cams
-        from wsss_core.models.toco import toco_from_state
-
-        net, names = toco_from_state(checkpoint)
+        net, names = network_from_state(checkpoint, "toco")
         if list(names[1:]) != list(classes.names):
             raise ValueError(f"the ToCo checkpoint was trained on classes {names[1:]}, the dataset has "
                              f"{list(classes.names)}: label a dataset with the checkpoint's classes, in its order")

@@ -15,8 +15,7 @@ pixels: boundaries twice as fine for the walk, at the backbone's cost of 4× the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,25 +90,10 @@ def create_affinitynet(backbone: str, pretrained: WeightsSource = None, depths: 
                        input_scale: float = 1.0) -> AffinityNet:
     """AffinityNet on a timm CNN (dilated to ``output_stride``), a timm ViT or ``open_clip:<name>``
     (a CLIP visual tower; ``depths`` are then blocks), reading images resized by ``input_scale``.
-    ``net.spec`` rebuilds it (:func:`affinitynet_from_state`)."""
+    A trained one is stored and rebuilt through :mod:`wsss_core.models.networks` (kind ``affinitynet``)."""
     if len(depths) != len(dims):
         raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must pair up")
     bb = create_backbone(backbone, pretrained, output_stride=output_stride, out_indices=tuple(depths))
     if len(bb.channels) != len(depths):
         raise ValueError(f"depths {tuple(depths)}: {backbone} gives {len(bb.channels)} distinct depths of them")
-    net = AffinityNet(bb, dims, input_scale)
-    net.spec = {"backbone": backbone, "depths": list(depths), "dims": list(dims), "output_stride": output_stride,
-                "input_scale": float(input_scale)}
-    return net
-
-
-def affinitynet_from_state(state: Mapping[str, Any]) -> AffinityNet:
-    """A trained AffinityNet (eval mode, CPU) from a checkpoint's ``affinitynet`` spec and ``model`` weights."""
-    spec = state.get("affinitynet")
-    if not isinstance(spec, Mapping) or "model" not in state:
-        raise ValueError("not an AffinityNet checkpoint (it has no 'affinitynet' spec and 'model' weights): give "
-                         "the output of `wsss train affinity`")
-    net = create_affinitynet(spec["backbone"], None, spec["depths"], spec["dims"], int(spec["output_stride"]),
-                             float(spec.get("input_scale", 1.0)))  # checkpoints before input_scale: 1
-    net.load_state_dict(state["model"])
-    return net.eval()
+    return AffinityNet(bb, dims, input_scale)

@@ -15,8 +15,6 @@ tokens; its teacher is an EMA copy of the head only (the encoder is shared, its 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,25 +143,10 @@ class ToCo(nn.Module):
 
 def create_toco(backbone: str, num_classes: int, pretrained: WeightsSource = None, aux_layer: int = -3,
                 proj_dim: int = 1024, momentum: float = 0.9) -> ToCo:
-    """ToCo on a timm ViT name or ``open_clip:<name or config JSON>`` (its visual tower).
-
-    ``net.spec`` keeps the arguments that rebuild the architecture (:func:`toco_from_state`)."""
+    """ToCo on a timm ViT name or ``open_clip:<name or config JSON>`` (its visual tower); a trained one
+    is stored and rebuilt through :mod:`wsss_core.models.networks` (kind ``toco``)."""
     bb = create_backbone(backbone, pretrained, out_indices=(aux_layer, -1))
     if bb.patch_size and (len(set(bb.indices)) != 2 or bb.indices[0] > bb.indices[1]):
         raise ValueError(f"aux_layer={aux_layer}: the auxiliary classifier needs a block before the last "
                          f"(reference -3)")
-    net = ToCo(bb, num_classes, proj_dim, momentum)
-    net.spec = {"backbone": backbone, "num_classes": num_classes, "aux_layer": aux_layer, "proj_dim": proj_dim}
-    return net
-
-
-def toco_from_state(state: Mapping[str, Any]) -> tuple[ToCo, list[str]]:
-    """A trained ToCo (eval mode, CPU) and its class names (background first) from a checkpoint's
-    contents: ``toco`` (``net.spec`` plus ``class_names``) and ``model`` (the state dict)."""
-    spec = state.get("toco")
-    if not isinstance(spec, Mapping) or "model" not in state:
-        raise ValueError("not a ToCo checkpoint (it has no 'toco' spec and 'model' weights): give the output "
-                         "of a ToCo training")
-    net = create_toco(spec["backbone"], int(spec["num_classes"]), None, int(spec["aux_layer"]), int(spec["proj_dim"]))
-    net.load_state_dict(state["model"])
-    return net.eval(), list(spec["class_names"])
+    return ToCo(bb, num_classes, proj_dim, momentum)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsss_core.models.affinitynet import affinitynet_from_state
+from wsss_core.models.networks import network_from_state
 from wsss_core.pairs import radius_offsets, shifted
 from wsss_core.registry import REFINERS
 
@@ -138,7 +138,7 @@ class RandomWalk:
     def __post_init__(self) -> None:
         if self.t < 0 or self.beta <= 0:
             raise ValueError(f"random_walk: t must be ≥ 0 and beta > 0 (got t={self.t}, beta={self.beta})")
-        self.net = affinitynet_from_state(self.checkpoint).to(self.device)
+        self.net = network_from_state(self.checkpoint, "affinitynet")[0].to(self.device)
 
     @classmethod
     def from_network(cls, net: torch.nn.Module, **settings: Any) -> RandomWalk:

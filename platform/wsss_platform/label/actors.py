@@ -20,10 +20,9 @@ import torch
 
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.types import PseudoMask
-from wsss_platform import metrics, storage
+from wsss_platform import metrics, outputs, storage
 from wsss_platform.datasets import DatasetConfig, DatasetError, open_dataset
 from wsss_platform.datasets.base import encode_mask_png
-from wsss_platform.label import outputs
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.stages import build_pipeline, class_set, device_for
 

@@ -26,12 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wsss_core.metrics import ConfusionMatrix
-from wsss_platform import storage
+from wsss_platform import outputs, storage
 from wsss_platform.config import flatten
 from wsss_platform.console import Progress, quiet_ray
 from wsss_platform.datasets import Dataset, open_dataset
 from wsss_platform.datasets.base import decode_mask
-from wsss_platform.label import outputs
 from wsss_platform.label.actors import Labeler, Loader, LoadingLabeler, memory_per_actor
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.stages import check_model_paths, check_stages, class_set

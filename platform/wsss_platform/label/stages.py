@@ -28,7 +28,8 @@ from wsss_core.models.weights import looks_like_path
 from wsss_core.pipeline import LabelingPipeline, PseudoMasker
 from wsss_core.prompts import build_prompts
 from wsss_core.registry import CAM_SOURCES, REFINERS, create_cam_source, create_refiner
-from wsss_platform import storage
+from wsss_platform import outputs, storage
+from wsss_platform.checkpoint import load_state, resolve, resolve_weights
 from wsss_platform.config import ConfigError
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.storage import StorageOptions
@@ -40,15 +41,6 @@ def class_set(names: list[str], cfg: LabelConfig) -> ClassSet:
     synonyms = {**(base.synonyms if base else {}), **cfg.text.synonyms}
     background = tuple(cfg.text.background) if cfg.text.background is not None else (base.background if base else ())
     return ClassSet(tuple(names), {k: v for k, v in synonyms.items() if k in names}, background)
-
-
-def resolve_weights(pretrained: str, options: StorageOptions | None = None) -> str | bytes | None:
-    """An open_clip tag stays a tag; an ``s3://`` URI is read into bytes; a local path stays a path."""
-    if pretrained.lower() in ("", "none"):
-        return None
-    if "://" in pretrained:
-        return storage.read_bytes(pretrained, options)
-    return pretrained
 
 
 def check_model_paths(cfg: LabelConfig) -> None:
@@ -81,15 +73,11 @@ def precision(cfg: LabelConfig, device: torch.device) -> str:
 @functools.lru_cache(maxsize=2)
 def _checkpoint(uri: str, storage_json: str) -> dict[str, Any]:
     # Cached per process, like the CLIP model: sweep trials reuse their actor.
-    from wsss_platform.train.checkpoint import load_state
-
     return load_state(uri, StorageOptions.model_validate_json(storage_json))
 
 
 def checkpoint_uri(cfg: LabelConfig) -> str:
     """``model.checkpoint`` resolved to one checkpoint folder (an output's latest), or a clear error."""
-    from wsss_platform.train.checkpoint import resolve
-
     if not cfg.model.checkpoint:
         raise ConfigError(f"cam_source={cfg.cam_source} labels with a trained network: give model.checkpoint=URI, the "
                           f"output of `wsss train` (its latest checkpoint) or one of its checkpoint folders")
@@ -154,8 +142,6 @@ def build_cam_source(cfg: LabelConfig, classes: ClassSet, device: torch.device) 
 
 def refiner_checkpoint_uri(cfg: LabelConfig, name: str) -> str:
     """``<name>.checkpoint`` resolved to one checkpoint folder (a training output's latest), or a clear error."""
-    from wsss_platform.train.checkpoint import resolve
-
     uri = getattr(cfg, name).checkpoint
     if not uri:
         raise ConfigError(f"refine: {name} runs a trained network: give {name}.checkpoint=URI, the output of "
@@ -199,7 +185,10 @@ def build_masker(cfg: LabelConfig, device: torch.device = torch.device("cpu")) -
 
 
 def build_pipeline(cfg: LabelConfig, classes: ClassSet, device: torch.device) -> LabelingPipeline:
-    return LabelingPipeline(build_cam_source(cfg, classes, device), build_masker(cfg, device))
+    # Masks from the values the cache keeps, whatever cfg.cache says: a refinement-only pass or a
+    # sweep over the cache then reproduces this run's masks and scores.
+    return LabelingPipeline(build_cam_source(cfg, classes, device), build_masker(cfg, device),
+                            kept_dtype=getattr(torch, outputs.CACHE_DTYPE))
 
 
 def check_stages(cfg: LabelConfig, classes: ClassSet | None = None) -> None:

@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsss_platform import storage
+from wsss_platform import outputs, storage
+from wsss_platform.checkpoint import load_network
 from wsss_platform.datasets.base import encode_mask_png
-from wsss_platform.label import outputs
 from wsss_platform.label.actors import Loader, sparse_confusion
 from wsss_platform.label.stages import device_for
 from wsss_platform.predict.config import PredictConfig
-from wsss_platform.train.checkpoint import load_segmenter
 from wsss_platform.train.evaluate import segment
 
 
@@ -33,7 +32,7 @@ class Predictor:
         if self.cfg.compute.torch_threads:
             torch.set_num_threads(self.cfg.compute.torch_threads)
         self.device = device_for(gpus)
-        model, self.names = load_segmenter(checkpoint, self.cfg.dataset.storage)
+        model, self.names = load_network(checkpoint, self.cfg.dataset.storage)
         self.model = model.to(self.device)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 

@@ -16,12 +16,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from wsss_platform import storage
+from wsss_platform import checkpoint, outputs, storage
 from wsss_platform.config import ConfigError, flatten
 from wsss_platform.console import Progress, quiet_ray
 from wsss_platform.datasets import Dataset, open_dataset
 from wsss_platform.datasets.base import decode_mask
-from wsss_platform.label import outputs
 from wsss_platform.label.actors import Loader
 from wsss_platform.label.job import confusion_from
 from wsss_platform.predict.actors import LoadingPredictor, Predictor
@@ -33,7 +32,6 @@ from wsss_platform.ray_utils import (
     init_ray,
 )
 from wsss_platform.tracking import JobRun
-from wsss_platform.train import checkpoint
 
 
 @dataclass

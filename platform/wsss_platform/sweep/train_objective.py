@@ -108,9 +108,8 @@ class TrainObjective:
         if p.cfg.model.freeze_backbone and not p.cfg.train.feature_cache:  # one feature cache for every trial
             self.train = p.cfg.model_copy(update={"train": p.cfg.train.model_copy(
                 update={"feature_cache": storage.join(self.out, "cache", "features")})})
-        if hasattr(p.recipe, "prepare"):  # the trials' shared inputs, made once (a frozen backbone's features)
-            type(p.recipe)(self.train).prepare(p.ds.ids, p.payload, p.loop_config["num_classes"],
-                                               self.gpus > 0, log)
+        # the trials' shared inputs, made once (a frozen backbone's features)
+        type(p.recipe)(self.train).prepare(p.ds.ids, p.payload, p.loop_config["class_names"], self.gpus > 0, log)
         val_ids = p.loop_config["val_ids"]
         log(f"[wsss sweep] {p.ds.uri} split {p.cfg.dataset.split}: training {p.cfg.train.iterations} iterations a "
             f"trial on {len(p.ds.ids)} images, scored on {len(val_ids)} val images at {self.cfg.tune.report_chunks} "

@@ -11,6 +11,7 @@ from the random-walked ones, against the ground truth.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,15 +19,21 @@ import torch
 import torch.nn.functional as F
 
 from wsss_core.augment import random_scale_crop_flip
+from wsss_core.losses.affinity import affinity_loss
 from wsss_core.maps import upsample
-from wsss_core.metrics import ConfusionMatrix
+from wsss_core.pairs import pair_affinity, radius_offsets
+from wsss_core.pipeline import PseudoMasker
+from wsss_core.refine.affinity_labels import confident_regions, pair_labels_in_radius
+from wsss_core.refine.random_walk import RandomWalk
 from wsss_core.types import CamOutput
-from wsss_platform import storage
+from wsss_platform import outputs, storage
 from wsss_platform.datasets import DatasetConfig, open_dataset
-from wsss_platform.datasets.base import DatasetError
-from wsss_platform.label import outputs
+from wsss_platform.datasets.base import DatasetError, Row
+from wsss_platform.preview import colour, heatmap
 from wsss_platform.storage import StorageOptions
 from wsss_platform.train.config import AffinityConfig, TrainBase
+from wsss_platform.train.evaluate import unwrap
+from wsss_platform.train.recipes import Panel, Recipe
 
 
 def cam_output(cams_root: str, image_id: str, options: StorageOptions | None) -> CamOutput:
@@ -51,8 +58,6 @@ class CamRegionLoader:
         self.rng = np.random.default_rng()
 
     def regions(self, image_id: str, image: np.ndarray) -> np.ndarray:
-        from wsss_core.refine.affinity_labels import confident_regions
-
         out, t = cam_output(self.train["cams"], image_id, self.opts), self.train
         full = torch.zeros(1, self.num_classes, *image.shape[:2])
         labels = torch.zeros(1, self.num_classes)
@@ -74,14 +79,16 @@ class CamRegionLoader:
         return {"image": np.stack(images), "region": np.stack(regions)}
 
 
-class AffinityRecipe:
+class AffinityRecipe(Recipe):
     name: ClassVar[str] = "affinity"
     config: ClassVar[type[TrainBase]] = AffinityConfig
-    score: ClassVar[str] = "val_rw_miou"
     description: ClassVar[str] = "PSA's AffinityNet on the CAMs of a `wsss label` output (then refine: [random_walk])"
+    score: ClassVar[str] = "val_rw_miou"
+    kind: ClassVar[str] = "affinitynet"
+    loader: ClassVar[type] = CamRegionLoader
+    val_outputs: ClassVar[tuple[str, ...]] = ("val_cam", "val_rw")
 
-    def __init__(self, cfg: AffinityConfig) -> None:
-        self.cfg = cfg
+    cfg: AffinityConfig
 
     def labels(self) -> str:
         return f"CAMs of {self.cfg.train.cams}"
@@ -110,34 +117,13 @@ class AffinityRecipe:
                                                            if key == "train.val_split" else ""))
         outputs.check_classes(t.cams, names, "train.cams", opts)
 
-    def dataset(self, ids: list[str], payload: dict[str, Any]):
-        import ray
-
-        c = self.cfg.compute
-        items = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
-        return items.map_batches(CamRegionLoader, batch_size=8, num_cpus=c.loader_cpus,
-                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=c.loader_actors),
-                                 fn_constructor_kwargs={"dataset": payload, "train": self.cfg.train.model_dump(mode="json")})
-
-    def build(self, num_classes: int, weights: Any) -> torch.nn.Module:
-        from wsss_core.models.affinitynet import create_affinitynet
-
+    def network_spec(self, class_names: list[str]) -> dict[str, Any]:
         m = self.cfg.model
-        return create_affinitynet(m.backbone, weights, m.depths, m.dims, m.output_stride, m.input_scale)
-
-    def network(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def spec(self, module: torch.nn.Module, class_names: list[str]) -> dict[str, Any]:
-        return {"affinitynet": module.spec | {"class_names": list(class_names)}}
+        return {"backbone": m.backbone, "depths": list(m.depths), "dims": list(m.dims), "output_stride": m.output_stride,
+                "input_scale": m.input_scale, "class_names": list(class_names)}
 
     def losses(self, module: torch.nn.Module, batch: dict[str, torch.Tensor], iteration: int,
                device: torch.device) -> dict[str, torch.Tensor]:
-        from wsss_core.losses.affinity import affinity_loss
-        from wsss_core.pairs import pair_affinity
-        from wsss_core.refine.affinity_labels import pair_labels_in_radius
-        from wsss_platform.train.evaluate import unwrap
-
         features = module(unwrap(module).normalize(batch["image"].to(device)))
         # PSA: the regions brought to the feature grid by nearest neighbour
         region = F.interpolate(batch["region"].to(device)[:, None].float(), size=features.shape[-2:], mode="nearest")
@@ -145,59 +131,39 @@ class AffinityRecipe:
         terms = affinity_loss(pair_affinity(features, r), pair_labels_in_radius(region[:, 0].long(), r))
         return {"loss": terms.pop("total"), **{f"loss/{k}": v for k, v in terms.items()}}
 
-    def walk(self, net: torch.nn.Module):
+    def walk(self, net: torch.nn.Module) -> PseudoMasker:
         """Raw-CAM and random-walk maskers with the schedule's settings, on the network in hand."""
-        from wsss_core.pipeline import PseudoMasker
-        from wsss_core.refine.random_walk import RandomWalk
-
         t = self.cfg.train
         refiner = RandomWalk.from_network(net, beta=t.beta, t=t.t, alpha=t.alpha, radius=t.radius)
         return PseudoMasker([refiner], bg_rule="power", bg_value=t.alpha, mu=0.0)
 
-    @torch.no_grad()
-    def validation(self, module: torch.nn.Module, ds, config: dict[str, Any], device: torch.device,
-                   final: bool) -> dict[str, float]:
-        from wsss_platform.train.evaluate import all_reduce, iou_metrics, my_slice, unwrap
+    def walked(self, masker: PseudoMasker, row: Row):
+        return masker([cam_output(self.cfg.train.cams, row.image_id, self.cfg.dataset.storage)],
+                      [row.image.shape[:2]], [row.image])[0]
 
-        if ds is None:
-            return {}
-        net, names = unwrap(module), config["class_names"]
-        net.eval()
+    def val_ids(self, config: dict[str, Any]) -> list[str]:
+        return config["val_ids"][: self.cfg.train.eval_images]
+
+    def val_masker(self, net: torch.nn.Module, ds, device: torch.device,
+                   final: bool) -> Callable[[Row], dict[str, torch.Tensor]]:
         masker = self.walk(net)
-        cm_raw, cm = ConfusionMatrix(len(names)), ConfusionMatrix(len(names))
-        for image_id in my_slice(config["val_ids"][: self.cfg.train.eval_images]):
-            row = ds.load(image_id)
-            res = masker([cam_output(self.cfg.train.cams, image_id, self.cfg.dataset.storage)],
-                         [row.image.shape[:2]], [row.image])[0]
-            cm_raw.update(res.mask_raw, row.mask)
-            cm.update(res.mask, row.mask)
-        net.train()
-        return iou_metrics(all_reduce(cm_raw, device), names, "val_cam") | iou_metrics(all_reduce(cm, device), names, "val_rw")
 
-    def load(self, uri: str, options: StorageOptions | None) -> tuple[torch.nn.Module, list[str]]:
-        from wsss_core.models.affinitynet import affinitynet_from_state
-        from wsss_platform.train.checkpoint import load_state
+        def masks(row: Row) -> dict[str, torch.Tensor]:
+            res = self.walked(masker, row)
+            return {"val_cam": res.mask_raw, "val_rw": res.mask}
+        return masks
 
-        state = load_state(uri, options)
-        return affinitynet_from_state(state), list(state["affinitynet"]["class_names"])
-
-    def preview(self, net: torch.nn.Module, ds) -> bytes:
+    def preview_panels(self, net: torch.nn.Module, ds) -> Callable[[Row], list[Panel]]:
         """image | affinity to the 4 nearest neighbours (dark: an edge) | CAM mask | random walk | ground truth."""
-        from wsss_core.pairs import radius_offsets
-        from wsss_platform.preview import colour, heatmap, panels
-        from wsss_platform.train.evaluate import unwrap
+        masker = self.walk(net)
+        near = [radius_offsets(self.cfg.train.radius).index(o) for o in ((-1, 0), (0, -1), (0, 1), (1, 0))]
 
-        net = unwrap(net)
-        masker, near = self.walk(net), [radius_offsets(self.cfg.train.radius).index(o) for o in ((-1, 0), (0, -1), (0, 1), (1, 0))]
-        cells = []
-        for image_id in ds.ids[: self.cfg.tracking.preview_images]:
-            row = ds.load(image_id)
+        def cells(row: Row) -> list[Panel]:
             pairs = masker.prob_refiners[0].affinity([row.image])[0]
             edges = upsample(pairs[near].mean(0).cpu(), row.image.shape[:2]).numpy()
-            res = masker([cam_output(self.cfg.train.cams, image_id, self.cfg.dataset.storage)],
-                         [row.image.shape[:2]], [row.image])[0]
-            cells.append((image_id, [("image", row.image, False), ("affinity", heatmap(edges), False),
-                                     ("CAM mask", colour(res.mask_raw.numpy(), row.image), True),
-                                     ("random walk", colour(res.mask.numpy(), row.image), True),
-                                     ("ground truth", colour(row.mask, row.image), True)]))
-        return panels(cells)
+            res = self.walked(masker, row)
+            return [("image", row.image, False), ("affinity", heatmap(edges), False),
+                    ("CAM mask", colour(res.mask_raw.numpy(), row.image), True),
+                    ("random walk", colour(res.mask.numpy(), row.image), True),
+                    ("ground truth", colour(row.mask, row.image), True)]
+        return cells

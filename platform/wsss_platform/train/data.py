@@ -7,13 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import ray
 
 from wsss_core.augment import random_scale_crop_flip
-from wsss_platform import storage
+from wsss_platform import outputs, storage
 from wsss_platform.datasets import DatasetConfig, open_dataset
 from wsss_platform.datasets.base import DatasetError, decode_mask
-from wsss_platform.label import outputs
-from wsss_platform.train.config import TrainConfig
+from wsss_platform.train.config import TrainBase, TrainConfig
 
 
 def uses_ground_truth(cfg: TrainConfig) -> bool:
@@ -41,21 +41,16 @@ def read_labels(row, pseudo_masks: str | None, options) -> tuple[np.ndarray, np.
 
 def id_items(ids: list[str]):
     """The split's ids as a Ray Dataset of ``image_id`` rows, in up to 64 blocks."""
-    import ray
-
     return ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
 
 
-def loader_dataset(cfg: TrainConfig, ids: list[str], loader: type, **kwargs: Any):
-    """``loader`` (a Ray Data callable of image ids -> samples) over the ids, in an actor pool of up to
-    ``compute.loader_actors`` actors of ``loader_cpus`` each."""
-    import ray
-
-    pseudo = None if uses_ground_truth(cfg) else cfg.train.pseudo_masks
+def loader_dataset(cfg: TrainBase, ids: list[str], loader: type, **kwargs: Any):
+    """``loader`` (a Ray Data callable of image ids -> samples, built with the ``train`` section and
+    ``kwargs``) over the ids, in an actor pool of up to ``compute.loader_actors`` actors of ``loader_cpus``."""
     return id_items(ids).map_batches(
         loader, batch_size=8, num_cpus=cfg.compute.loader_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors),
-        fn_constructor_kwargs={"train": cfg.train.model_dump(mode="json"), "pseudo_masks": pseudo, **kwargs})
+        fn_constructor_kwargs={"train": cfg.train.model_dump(mode="json"), **kwargs})
 
 
 class SampleLoader:
@@ -90,14 +85,3 @@ def check_pseudo_masks(cfg: TrainConfig, ids: list[str], names: list[str]) -> No
     for folder in ("pseudo", "confidence"):
         outputs.check_files(root, folder, ".png", ids, "train.pseudo_masks", opts)
     outputs.check_classes(root, names, "train.pseudo_masks", opts)
-
-
-def train_dataset(cfg: TrainConfig, ids: list[str], dataset_payload: dict[str, Any]):
-    return loader_dataset(cfg, ids, SampleLoader, dataset=dataset_payload)
-
-
-def feature_dataset(cfg: TrainConfig, ids: list[str], dataset_payload: dict[str, Any], features_uri: str):
-    """Crops of the cached features and their labels (``features.FeatureSampleLoader``)."""
-    from wsss_platform.train.features import FeatureSampleLoader
-
-    return loader_dataset(cfg, ids, FeatureSampleLoader, dataset=dataset_payload, uri=features_uri)

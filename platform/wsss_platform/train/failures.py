@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 from ray.train import UserCallback
 
+from wsss_platform.checkpoint import DamagedCheckpoint
 from wsss_platform.config import ConfigError
 from wsss_platform.datasets.base import DatasetError
-from wsss_platform.train.checkpoint import DamagedCheckpoint
 
 PERMANENT: tuple[type[BaseException], ...] = (DatasetError, DamagedCheckpoint, ConfigError, FloatingPointError)
 """A damaged or missing input (named), a checkpoint that does not load, a setting that cannot work, a

@@ -23,10 +23,13 @@ import io
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from PIL import Image
 
+from wsss_core.models.networks import create_network
 from wsss_platform import storage
+from wsss_platform.checkpoint import resolve_weights
 from wsss_platform.datasets import DatasetConfig, open_dataset
 from wsss_platform.ownership import fingerprint
 from wsss_platform.storage import StorageOptions
@@ -75,26 +78,28 @@ def resized(image: np.ndarray, scale: float) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
 
 
-def build_segmenter(cfg: TrainConfig, num_classes: int, weights: Any) -> torch.nn.Module:
+def segmenter_spec(cfg: TrainConfig, class_names: list[str]) -> dict[str, Any]:
+    """The segmenter's ``create_network`` spec from the config (what its checkpoints store)."""
+    m = cfg.model
+    return {"backbone": m.backbone, "head": m.head, "output_stride": m.output_stride,
+            "freeze_backbone": m.freeze_backbone, "class_names": list(class_names)}
+
+
+def build_segmenter(cfg: TrainConfig, class_names: list[str], weights: Any) -> torch.nn.Module:
     """The segmenter a training builds. Seeded first, so that random weights (``pretrained: none``)
     are the same in the feature stage and in every worker."""
-    from wsss_core.models.segmenter import create_segmenter
-
-    m = cfg.model
     torch.manual_seed(cfg.train.seed)
-    return create_segmenter(m.backbone, num_classes, weights, m.head, m.output_stride, m.freeze_backbone)
+    return create_network("segmenter", weights, **segmenter_spec(cfg, class_names))
 
 
 class FeatureWriter:
     """Ray Data callable: image ids -> their cached features written (or found); rows say which."""
 
-    def __init__(self, cfg: dict[str, Any], num_classes: int, uri: str) -> None:
-        from wsss_platform.label.stages import resolve_weights
-
+    def __init__(self, cfg: dict[str, Any], class_names: list[str], uri: str) -> None:
         self.cfg = TrainConfig.model_validate(cfg)
         opts = self.cfg.dataset.storage
         self.ds, self.opts, self.uri = open_dataset(self.cfg.dataset), opts, uri
-        self.net = build_segmenter(self.cfg, num_classes, resolve_weights(self.cfg.model.pretrained, opts)).eval()
+        self.net = build_segmenter(self.cfg, class_names, resolve_weights(self.cfg.model.pretrained, opts)).eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.net.to(self.device)
 
@@ -126,17 +131,15 @@ class FeatureWriter:
         return {"image_id": batch["image_id"], "computed": np.array(computed)}
 
 
-def ensure_features(cfg: TrainConfig, ids: list[str], payload: dict[str, Any], num_classes: int,
+def ensure_features(cfg: TrainConfig, ids: list[str], payload: dict[str, Any], class_names: list[str],
                     use_gpu: bool) -> tuple[str, int]:
     """Every image's features in the cache: (its URI, how many were computed now; the rest reused)."""
-    import ray
-
     uri = cache_uri(cfg)
     train_cfg = cfg.model_dump(mode="json") | {"dataset": payload}
     rows = id_items(ids).map_batches(FeatureWriter, batch_size=8, num_gpus=1 if use_gpu else 0,
                              num_cpus=cfg.compute.cpus_per_worker,
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.num_workers),
-                             fn_constructor_kwargs={"cfg": train_cfg, "num_classes": num_classes, "uri": uri})
+                             fn_constructor_kwargs={"cfg": train_cfg, "class_names": list(class_names), "uri": uri})
     computed = sum(int(r["computed"]) for r in rows.iter_rows())
     return uri, computed
 

@@ -257,7 +257,7 @@ def plan(cfg: TrainBase) -> Plan:
     payload = cfg.dataset.worker_payload()
     names = ["background", *ds.classes.names]
     loop_config = {"recipe": type(cfg).recipe, "cfg": cfg.model_dump(mode="json") | {"dataset": payload},
-                   "num_classes": len(names), "class_names": names, "val_dataset": val_payload, "val_ids": val_ids,
+                   "class_names": names, "val_dataset": val_payload, "val_ids": val_ids,
                    "verbose": verbose()}
     return Plan(recipe, ds, loop_config, payload)
 
@@ -333,8 +333,7 @@ def _fit(p: Plan, state: dict[str, Any], summary: TrainSummary, log) -> None:
         record = {"config": loop_config["cfg"], "mlflow_run_id": summary.run_id, "code": code_version()}
         storage.write_text(storage.join(cfg.output, "train.json"), json.dumps(record, indent=2), cfg.dataset.storage)
         loop_config["progress"] = True  # rank 0's progress lines (a sweep's trials show none)
-        if hasattr(p.recipe, "prepare"):
-            p.recipe.prepare(ds.ids, p.payload, loop_config["num_classes"], uses_gpu(cfg), log)
+        p.recipe.prepare(ds.ids, p.payload, loop_config["class_names"], uses_gpu(cfg), log)
         log(f"[wsss train] starting {cfg.compute.num_workers} worker(s) and the data loader; the first iteration "
             "waits for its first batch")
         result = fit(p.trainer())

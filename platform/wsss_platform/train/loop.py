@@ -18,13 +18,19 @@ import tempfile
 import time
 from typing import Any
 
+import ray.train
+import ray.train.torch
 import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
 from wsss_platform import metrics as live_metrics
+from wsss_platform.checkpoint import FILE as CHECKPOINT_FILE
+from wsss_platform.checkpoint import decode as decode_checkpoint
+from wsss_platform.checkpoint import resolve_weights
 from wsss_platform.config import ConfigError
 from wsss_platform.console import Progress
-from wsss_platform.train.checkpoint import FILE as CHECKPOINT_FILE
-from wsss_platform.train.checkpoint import decode as decode_checkpoint
+from wsss_platform.datasets import DatasetConfig, open_dataset
 from wsss_platform.train.config import TrainBase
 from wsss_platform.train.evaluate import unwrap
 from wsss_platform.train.recipes import Recipe, recipe_class
@@ -46,11 +52,9 @@ def _amp_dtype(cfg: TrainBase, device: torch.device) -> torch.dtype | None:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def build(recipe: Recipe, num_classes: int, weights: Any):
+def build(recipe: Recipe, class_names: list[str], weights: Any):
     """The recipe's module (DDP-prepared), optimiser and scheduler."""
-    import ray.train.torch
-
-    model = recipe.build(num_classes, weights)
+    model = recipe.build(class_names, weights)
     t = recipe.cfg.train
     groups = model.param_groups(t.lr, t.head_lr_mult, t.weight_decay)
     optimizer = (torch.optim.AdamW(groups, lr=t.lr) if t.optimizer == "adamw"
@@ -61,8 +65,6 @@ def build(recipe: Recipe, num_classes: int, weights: Any):
 
 def restore(recipe: Recipe, model, optimizer, scheduler) -> int:
     """The iteration to start at: 0, or the one after the last checkpoint."""
-    import ray.train
-
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return 0
@@ -78,8 +80,6 @@ def report(metrics: dict[str, float], recipe: Recipe | None = None, model=None, 
            iteration: int = 0, spec: dict[str, Any] | None = None) -> None:
     """``ray.train.report`` on every worker; with a model, rank 0 attaches a checkpoint: the recipe's
     network, the optimiser's state, and ``spec`` (what rebuilds the network, ``recipe.spec``)."""
-    import ray.train
-
     if model is None or ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
@@ -117,16 +117,12 @@ class StepLog:
         self.pending: list[Any] = []
         self.logged_up_to = 0
         if mlflow:
-            from mlflow.tracking import MlflowClient
-
             self.client, self.run_id = MlflowClient(mlflow["tracking_uri"]), mlflow["run_id"]
             self.logged_up_to = max((m.step for m in self.client.get_metric_history(self.run_id, "loss")), default=0)
 
     def add(self, metrics: dict[str, float], step: int, flush: bool = False) -> None:
         if self.client is None or step <= self.logged_up_to:
             return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
         if flush:
@@ -153,12 +149,6 @@ def step(recipe: Recipe, model, optimizer, scheduler, batch: dict[str, torch.Ten
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from wsss_platform.datasets import DatasetConfig, open_dataset
-    from wsss_platform.label.stages import resolve_weights
-
     recipe = recipe_class(config["recipe"])
     cfg = recipe.config.model_validate(config["cfg"])
     recipe = recipe(cfg)
@@ -168,12 +158,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.compute.torch_threads)
     torch.manual_seed(cfg.train.seed)  # the same initial head on every worker (DDP broadcasts it too)
     device = ray.train.torch.get_device()
-    model, optimizer, scheduler = build(recipe, config["num_classes"], resolve_weights(cfg.model.pretrained,
+    model, optimizer, scheduler = build(recipe, config["class_names"], resolve_weights(cfg.model.pretrained,
                                                                                        cfg.dataset.storage))
     it = restore(recipe, model, optimizer, scheduler)
     rank0 = ray.train.get_context().get_world_rank() == 0
     log, amp, t = StepLog(config.get("mlflow") if rank0 else None), _amp_dtype(cfg, device), cfg.train
-    spec = recipe.spec(unwrap(model), config["class_names"])
+    spec = recipe.spec(unwrap(model))
     shard = ray.train.get_dataset_shard("train")
     # the val split's index once per worker (a COCO index parses its annotation file)
     val_ds = open_dataset(DatasetConfig.model_validate(config["val_dataset"])) if config["val_ids"] else None

@@ -10,16 +10,22 @@ the val split labeled by the network itself through the labeling pipeline: the C
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from wsss_core.augment import color_jitter, random_resized_crop, random_scale_crop_flip
-from wsss_core.metrics import ConfusionMatrix
+from wsss_core.losses.toco import ToCoObjective, ToCoTraining
+from wsss_core.pipeline import LabelingPipeline, PseudoMasker
+from wsss_core.registry import CAM_SOURCES
 from wsss_platform.datasets import DatasetConfig, open_dataset
-from wsss_platform.storage import StorageOptions
+from wsss_platform.datasets.base import Row
+from wsss_platform.preview import colour, heatmap
 from wsss_platform.train.config import ToCoConfig, TrainBase
+from wsss_platform.train.evaluate import unwrap
+from wsss_platform.train.recipes import Panel, Recipe
 
 OUTPUTS = {"cam": "toco", "seg": "toco_seg"}
 """Validation metric prefix -> the CAM source that labels with the network."""
@@ -56,117 +62,71 @@ class ImageLabelLoader:
         return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 
 
-def label_with(net: torch.nn.Module, source: str, classes, bkg: float, scales: tuple[float, ...]):
+def label_with(net: torch.nn.Module, source: str, classes, bkg: float, scales: tuple[float, ...]) -> LabelingPipeline:
     """The labeling pipeline on a network being trained: ``source`` with no refiner."""
-    from wsss_core.pipeline import LabelingPipeline, PseudoMasker
-    from wsss_core.registry import CAM_SOURCES
-
     return LabelingPipeline(CAM_SOURCES.get(source).from_network(net, classes, scales=scales),
                             PseudoMasker([], bg_rule="threshold", bg_value=bkg, mu=0.0))
 
 
-class ToCoRecipe:
+class ToCoRecipe(Recipe):
     name: ClassVar[str] = "toco"
     config: ClassVar[type[TrainBase]] = ToCoConfig
-    score: ClassVar[str] = "val_cam_miou"
     description: ClassVar[str] = "ToCo (token contrast) on image-level labels: CAMs and a segmentation head"
+    score: ClassVar[str] = "val_cam_miou"
+    kind: ClassVar[str] = "toco"
+    loader: ClassVar[type] = ImageLabelLoader
+    val_outputs: ClassVar[tuple[str, ...]] = tuple(f"val_{k}" for k in OUTPUTS)
 
-    def __init__(self, cfg: ToCoConfig) -> None:
-        self.cfg = cfg
+    cfg: ToCoConfig
 
     def labels(self) -> str:
         return "image-level labels"
 
-    def absolute_train(self) -> dict[str, Any]:
-        return {}
-
-    def check(self, ids: list[str], names: list[str]) -> None:
-        """Nothing beyond the split itself: image-level labels come with every row."""
-
-    def dataset(self, ids: list[str], payload: dict[str, Any]):
-        import ray
-
-        c = self.cfg.compute
-        items = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
-        return items.map_batches(ImageLabelLoader, batch_size=8, num_cpus=c.loader_cpus,
-                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=c.loader_actors),
-                                 fn_constructor_kwargs={"dataset": payload, "train": self.cfg.train.model_dump(mode="json")})
-
-    def objective(self):
-        from wsss_core.losses.toco import ToCoObjective
-
+    def objective(self) -> ToCoObjective:
         t = self.cfg.train
         return ToCoObjective(high=t.high, low=t.low, cam_scales=tuple(t.cam_scales), local_crops=t.local_crops,
                              local_crop_size=t.local_crop_size, temp=t.temp, w_ptc=t.w_ptc, w_ctc=t.w_ctc,
                              w_seg=t.w_seg, w_reg=t.w_reg, seg_from=t.seg_from, par_dilations=tuple(t.par_dilations),
                              par_iterations=t.par_iterations)
 
-    def build(self, num_classes: int, weights: Any) -> torch.nn.Module:
-        from wsss_core.losses.toco import ToCoTraining
-        from wsss_core.models.toco import create_toco
-
+    def network_spec(self, class_names: list[str]) -> dict[str, Any]:
         m = self.cfg.model
-        # num_classes counts the background (the segmenter's convention); ToCo's classifiers do not
-        net = create_toco(m.backbone, num_classes - 1, weights, m.aux_layer, m.proj_dim, m.momentum)
-        return ToCoTraining(net, self.objective())
+        return {"backbone": m.backbone, "aux_layer": m.aux_layer, "proj_dim": m.proj_dim, "momentum": m.momentum,
+                "class_names": list(class_names)}
+
+    def build(self, class_names: list[str], weights: Any) -> torch.nn.Module:
+        return ToCoTraining(super().build(class_names, weights), self.objective())
 
     def network(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.net
 
-    def spec(self, module: torch.nn.Module, class_names: list[str]) -> dict[str, Any]:
-        return {"toco": module.net.spec | {"class_names": list(class_names)}}
-
     def losses(self, module: torch.nn.Module, batch: dict[str, torch.Tensor], iteration: int,
                device: torch.device) -> dict[str, torch.Tensor]:
-        from wsss_platform.train.evaluate import unwrap
-
         net = unwrap(module).net
         pixels, view, local = (net.normalize(batch[k].to(device)) for k in ("image", "view", "local"))
         terms = module(pixels, batch["labels"].to(device), iteration, batch["valid"].to(device).bool(), view, local)
         total = terms.pop("total")
         return {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}
 
-    @torch.no_grad()
-    def validation(self, module: torch.nn.Module, ds, config: dict[str, Any], device: torch.device,
-                   final: bool) -> dict[str, float]:
-        from wsss_platform.train.evaluate import all_reduce, iou_metrics, my_slice, unwrap
-
-        if ds is None:
-            return {}
-        net, t, names = unwrap(module).net, self.cfg.train, config["class_names"]
-        net.eval()
-        out = {}
-        for prefix, source in OUTPUTS.items():
-            pipeline, cm = label_with(net, source, ds.classes, t.bkg, tuple(t.eval_scales)), ConfusionMatrix(len(names))
-            for image_id in my_slice(config["val_ids"]):
-                row = ds.load(image_id)
-                cm.update(pipeline([row.image], [row.labels])[0].mask_raw, row.mask)
-            out |= iou_metrics(all_reduce(cm, device), names, f"val_{prefix}")
-        net.train()
-        return out
-
-    def load(self, uri: str, options: StorageOptions | None) -> tuple[torch.nn.Module, list[str]]:
-        from wsss_core.models.toco import toco_from_state
-        from wsss_platform.train.checkpoint import load_state
-
-        return toco_from_state(load_state(uri, options))
-
-    def preview(self, net: torch.nn.Module, ds) -> bytes:
-        """image | CAM (max over the present classes) | CAM pseudo mask | head's mask | ground truth."""
-        from wsss_platform.preview import colour, heatmap, panels
-        from wsss_platform.train.evaluate import unwrap
-
-        net = unwrap(net)
+    def pipelines(self, net: torch.nn.Module, ds) -> dict[str, LabelingPipeline]:
+        """Val output prefix -> the labeling pipeline of its CAM source on ``net``."""
         t = self.cfg.train
-        cam, seg = (label_with(net, s, ds.classes, t.bkg, tuple(t.eval_scales)) for s in OUTPUTS.values())
-        cells = []
-        for image_id in ds.ids[: self.cfg.tracking.preview_images]:
-            row = ds.load(image_id)
+        return {f"val_{k}": label_with(net, s, ds.classes, t.bkg, tuple(t.eval_scales)) for k, s in OUTPUTS.items()}
+
+    def val_masker(self, net: torch.nn.Module, ds, device: torch.device,
+                   final: bool) -> Callable[[Row], dict[str, torch.Tensor]]:
+        pipelines = self.pipelines(net, ds)
+        return lambda row: {k: p([row.image], [row.labels])[0].mask_raw for k, p in pipelines.items()}
+
+    def preview_panels(self, net: torch.nn.Module, ds) -> Callable[[Row], list[Panel]]:
+        """image | CAM (max over the present classes) | CAM pseudo mask | head's mask | ground truth."""
+        cam, seg = self.pipelines(net, ds).values()
+
+        def cells(row: Row) -> list[Panel]:
             c, s = cam([row.image], [row.labels])[0], seg([row.image], [row.labels])[0]
             heat = heatmap(c.scores.amax(0).numpy()) if len(row.labels) else np.zeros_like(row.image)
-            cells.append((image_id, [("image", row.image, False), ("CAM", heat, False),
-                                     ("CAM mask", colour(c.mask_raw.numpy(), row.image), True),
-                                     ("seg head", colour(s.mask_raw.numpy(), row.image), True),
-                                     ("ground truth", colour(row.mask, row.image), True)]))
-        return panels(cells)
-
+            return [("image", row.image, False), ("CAM", heat, False),
+                    ("CAM mask", colour(c.mask_raw.numpy(), row.image), True),
+                    ("seg head", colour(s.mask_raw.numpy(), row.image), True),
+                    ("ground truth", colour(row.mask, row.image), True)]
+        return cells

@@ -113,13 +113,16 @@ def cams_uri(output: str, image_id: str) -> str:
     return storage.join(output, "cams", f"{image_id}.npz")
 
 
+CACHE_DTYPE = "float16"  # what cams/<id>.npz keeps the CAMs and aux in
+
+
 def encode_cams(cams: np.ndarray, labels: list[int], size: tuple[int, int], class_scores: np.ndarray,
                 aux: dict[str, np.ndarray] | None = None) -> bytes:
     """float16 CAMs [K, h, w], the labels, image size and class scores; with ``aux`` (``cache:
     full``) also what the refiners read, float16 under ``aux/<key>``: all a refinement-only pass needs."""
     buf = io.BytesIO()
-    extra = {f"{AUX_PREFIX}{k}": v.astype(np.float16) for k, v in (aux or {}).items()}
-    np.savez_compressed(buf, cams=cams.astype(np.float16), labels=np.asarray(labels, dtype=np.int32),
+    extra = {f"{AUX_PREFIX}{k}": v.astype(CACHE_DTYPE) for k, v in (aux or {}).items()}
+    np.savez_compressed(buf, cams=cams.astype(CACHE_DTYPE), labels=np.asarray(labels, dtype=np.int32),
                         size=np.asarray(size, dtype=np.int32), class_scores=class_scores.astype(np.float32), **extra)
     return buf.getvalue()
 

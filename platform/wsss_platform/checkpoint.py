@@ -1,8 +1,10 @@
-"""What a ``wsss train`` checkpoint holds, and loading a segmenter back from one (local or s3://).
+"""Network files on storage: what a ``wsss train`` checkpoint holds, loading a network back from one
+(local or s3://), and pretrained weights given as a tag, a path or a URI.
 
 ``checkpoint.pt`` in each ``checkpoint_*`` folder: ``model`` (state dict), ``optimizer``,
-``scheduler``, ``iteration``, and ``segmenter`` (backbone, head, output stride, class names): enough
-to rebuild the network with no config at hand (``wsss predict``, the MLflow model, previews).
+``scheduler``, ``iteration``, and the network's spec under its kind (``segmenter``, ``toco`` or
+``affinitynet``: its factory's arguments and class names, ``wsss_core.models.networks``): enough to
+rebuild the network with no config at hand (``wsss predict``, the MLflow model, previews, labeling).
 """
 
 from __future__ import annotations
@@ -12,20 +14,28 @@ from typing import Any
 
 import torch
 
+from wsss_core.models.networks import kinds_in, network_from_state
 from wsss_platform import storage
 from wsss_platform.storage import StorageOptions
 
 FILE = "checkpoint.pt"
 
 
-USES = {"toco": "a toco network labels with `wsss label cam_source=toco model.checkpoint=URI`",
+USES = {"segmenter": "a segmenter predicts with `wsss predict --checkpoint URI`",
+        "toco": "a toco network labels with `wsss label cam_source=toco model.checkpoint=URI`",
         "affinitynet": "an affinitynet refines with `wsss label 'refine=[random_walk]' random_walk.checkpoint=URI`"}
-"""What another recipe's network is for, by the name its spec is stored under."""
+"""What each network kind (the name its spec is stored under) is for."""
+COMMANDS = {"segmenter": "segmenter", "toco": "toco", "affinitynet": "affinity"}
+"""Network kind -> the ``wsss train`` recipe that makes it."""
 
 
-def segmenter_spec(model_cfg: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
-    return {"backbone": model_cfg["backbone"], "head": model_cfg["head"], "output_stride": model_cfg["output_stride"],
-            "class_names": list(class_names)}
+def resolve_weights(pretrained: str, options: StorageOptions | None = None) -> str | bytes | None:
+    """An open_clip tag stays a tag; an ``s3://`` URI is read into bytes; a local path stays a path."""
+    if pretrained.lower() in ("", "none"):
+        return None
+    if "://" in pretrained:
+        return storage.read_bytes(pretrained, options)
+    return pretrained
 
 
 def resolve(uri: str, options: StorageOptions | None = None) -> str:
@@ -62,25 +72,23 @@ def load_state(uri: str, options: StorageOptions | None = None) -> dict[str, Any
     return decode(storage.read_bytes(path, options), path)
 
 
-def spec_of(state: dict[str, Any], uri: str) -> dict[str, Any]:
-    """The checkpoint's segmenter spec (see :func:`segmenter_spec`), or an error naming the file."""
-    spec = state.get("segmenter")
-    other = [k for k, v in state.items() if k != "segmenter" and isinstance(v, dict) and "class_names" in v]
-    if spec is None and other:  # another recipe's network (its spec is stored under the network's name)
-        raise ValueError(f"{storage.join(uri, FILE)} is a {other[0]} checkpoint, not a segmenter's: give a `wsss train "
-                         f"segmenter` checkpoint ({USES.get(other[0], 'it is not for wsss predict')})")
+def spec_of(state: dict[str, Any], uri: str, kind: str = "segmenter") -> dict[str, Any]:
+    """The checkpoint's spec of a ``kind`` network (``wsss_core.models.networks``), or an error naming the
+    file, what it holds instead and what that is for."""
+    spec = state.get(kind)
+    other = [k for k in kinds_in(state) if k != kind]
+    if spec is None and other:
+        raise ValueError(f"{storage.join(uri, FILE)} is a {other[0]} checkpoint, not a {kind}'s: give a `wsss train "
+                         f"{COMMANDS[kind]}` checkpoint ({USES[other[0]]})")
     if spec is None:
-        raise ValueError(f"{storage.join(uri, FILE)} has no segmenter spec (written by an older wsss train); "
+        raise ValueError(f"{storage.join(uri, FILE)} has no {kind} spec (written by an older wsss train); "
                          "retrain or continue training with this version")
     return spec
 
 
-def load_segmenter(uri: str, options: StorageOptions | None = None) -> tuple[torch.nn.Module, list[str]]:
-    """(segmenter in eval mode with the checkpoint's weights, class names with background first)."""
-    from wsss_core.models.segmenter import create_segmenter
-
+def load_network(uri: str, options: StorageOptions | None = None,
+                 kind: str = "segmenter") -> tuple[torch.nn.Module, list[str]]:
+    """(the ``kind`` network in eval mode with the checkpoint's weights, class names with background first)."""
     state = load_state(uri, options)
-    spec = spec_of(state, uri)
-    model = create_segmenter(spec["backbone"], len(spec["class_names"]), None, spec["head"], spec["output_stride"])
-    model.load_state_dict(state["model"])
-    return model.eval(), spec["class_names"]
+    spec_of(state, uri, kind)
+    return network_from_state(state, kind)

@@ -147,10 +147,12 @@ def _recipe_config(recipe: str, labelled, extra: list[str]):
                                           *TINY_TRAIN, *frozen, *extra])
 
 
+# Every recipe on local storage; on S3 the two whose outputs differ there (the segmenter's checkpoints, and
+# the frozen one's feature cache beside them): checkpoints, resume and the step log are the one path of
+# the Recipe base and the loop for toco and affinity too, so their S3 runs repeated it (~100 s each).
 @pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "where"), [("segmenter", "local"), ("segmenter", "s3"), ("segmenter-frozen", "local"),
-                                               ("segmenter-frozen", "s3"), ("toco", "local"),
-                                               ("toco", "s3"), ("affinity", "local"), ("affinity", "s3")])
+                                               ("segmenter-frozen", "s3"), ("toco", "local"), ("affinity", "local")])
 def test_a_killed_worker_resumes_from_the_last_checkpoint(recipe, where, labelled, tmp_path, ray_local, monkeypatch,
                                                           request):
     """A training worker's process killed for real mid-run: the group restarts from the last checkpoint
@@ -189,30 +191,39 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(recipe, where, labelle
     assert [n for n in storage.list_names(out) if n not in ("train", "features")] == ["train.json"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["segmenter", "segmenter-frozen", "toco", "affinity"])
-def test_two_nodes_keep_identical_parameters_and_the_loss_falls(recipe, tmp_path):
-    """2 Ray nodes on loopback, one gloo worker on each: parameters identical after every step (for ToCo:
-    with PTC, CTC's teacher step, the head's loss and its CRF energy in every step)."""
-    import json
+TWO_NODE_RECIPES = ["segmenter", "segmenter-frozen", "toco", "affinity"]
+
+
+@pytest.fixture(scope="module")
+def two_node_runs(tmp_path_factory):
+    """Every recipe trained on one 2-node Ray cluster on loopback, in its own process (its own cluster)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    write_demo_dataset(str(tmp_path / "voc"), "voc", 16, seed=5)
-    result = tmp_path / "result.json"
+    root = tmp_path_factory.mktemp("two-nodes")
+    write_demo_dataset(str(root / "voc"), "voc", 16, seed=5)
     script = Path(__file__).with_name("two_node_train.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "voc"), str(result), recipe],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, str(script), str(root / "voc"), str(root), *TWO_NODE_RECIPES],
+                          capture_output=True, text=True, timeout=1200)
+    return root, proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", TWO_NODE_RECIPES)
+def test_two_nodes_keep_identical_parameters_and_the_loss_falls(recipe, two_node_runs):
+    """2 Ray nodes on loopback, one gloo worker on each: parameters identical after every step (for ToCo:
+    with PTC, CTC's teacher step, the head's loss and its CRF energy in every step)."""
+    import json
+
+    root, proc = two_node_runs
+    result = root / f"{recipe}.json"
+    assert result.exists(), f"no result for {recipe} (exit {proc.returncode}): {proc.stderr[-3000:]}"
     seen = json.loads(result.read_text())
     assert seen["backend"] == "gloo" and len(set(seen["nodes"])) == 2
     assert len(seen["max_param_diff"]) == 16 and max(seen["max_param_diff"]) == 0.0
+    # on the same batch: the loss of 16 tiny random crops jumps between batches (one of 10 after 12 steps
+    # of a frozen head that fell on the first batch from 2.5 to 0.6), so a mean over the last batches is noise
     losses = seen["losses"]
-    if recipe == "affinity":
-        # its loss mixes three means over whichever pairs a batch's crops hold (of noise CAMs here), so it jumps
-        # between batches: it must fall on the same batch
-        assert seen["first_batch_after"] < 0.8 * losses[0], (losses, seen["first_batch_after"])
-    else:
-        assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert seen["first_batch_after"] < 0.8 * losses[0], (losses, seen["first_batch_after"])
 

@@ -3,9 +3,10 @@
 Two Ray nodes on loopback (``ray.cluster_utils.Cluster``), 2 CPU workers (gloo) placed on different
 nodes (STRICT_SPREAD), the recipe's own module / optimiser / DDP (``loop.build``), step
 (``loop.step``) and Ray Data samples (``recipe.dataset``). After every step each worker's full
-parameter vector is gathered and compared; rank 0 writes what it saw to the JSON file argv[2].
-Usage: python two_node_train.py <demo VOC dataset> <result.json> <recipe: segmenter | segmenter-frozen | toco |
-affinity> (segmenter-frozen: the head on the frozen backbone's features, computed first on the cluster)
+parameter vector is gathered and compared; rank 0 writes what it saw to ``<out>/<recipe>.json``.
+Usage: python two_node_train.py <demo VOC dataset> <out folder> <recipe>... (recipes: segmenter,
+segmenter-frozen, toco, affinity; segmenter-frozen: the head on the frozen backbone's features,
+computed first on the cluster), all on one cluster.
 """
 
 import json
@@ -70,51 +71,58 @@ SETTINGS = {
 }
 
 
-def main(dataset: str, result: str, recipe: str) -> None:
-    import ray
+def train_on(cluster_dataset: str, out: str, recipe: str) -> None:
+    """One recipe's 16 steps on the running 2-node cluster; rank 0 writes ``<out>/<recipe>.json``."""
     import ray.train
-    from ray.cluster_utils import Cluster
     from ray.train.torch import TorchTrainer
 
     from wsss_platform.config import build_config
     from wsss_platform.datasets import open_dataset
     from wsss_platform.train.recipes import recipe_class
 
+    cls, settings = recipe_class(recipe.split("-")[0]), SETTINGS[recipe]
+    if recipe == "affinity":  # the CAMs it learns from: the split labeled on this cluster first
+        from wsss_platform.label.config import LabelConfig
+        from wsss_platform.label.job import run_label
+
+        cams = os.path.join(out, "cams")
+        run_label(build_config(LabelConfig, {}, [f"dataset.uri={cluster_dataset}", f"output={cams}", "model.name=tiny",
+                                                 "model.pretrained=none", "refine=[]", "tracking.enabled=false"]))
+        settings = [*settings, f"train.cams={cams}"]
+    cfg = build_config(cls.config, {}, [
+        f"dataset.uri={cluster_dataset}", "model.backbone=open_clip:tiny", "model.pretrained=none",
+        "train.iterations=16", "train.scale_range=[1.0,1.0]", "compute.num_workers=2",
+        f"output={os.path.join(out, recipe)}", *settings])
+    ds = open_dataset(cfg.dataset)
+    r, ids, payload = cls(cfg), list(ds.ids), cfg.dataset.worker_payload()
+    names = ["background", *ds.classes.names]
+    r.prepare(ids, payload, names, False, print)  # a frozen backbone's features, computed on the cluster first
+    trainer = TorchTrainer(
+        per_worker, datasets={"train": r.dataset(ids, payload)},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "class_names": names,
+                           "result": os.path.join(out, f"{recipe}.json"), "recipe": cls.name},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1},
+                                               placement_strategy="STRICT_SPREAD"),
+        run_config=ray.train.RunConfig(storage_path=out, name=f"two-nodes-{recipe}"))
+    trainer.fit()
+
+
+def main(dataset: str, out: str, recipes: list[str]) -> None:
+    """One 2-node cluster (its start-up is most of a recipe's time), each recipe trained on it in turn."""
+    import ray
+    from ray.cluster_utils import Cluster
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cls = recipe_class(recipe.split("-")[0])
-        settings = SETTINGS[recipe]
-        if recipe == "affinity":  # the CAMs it learns from: the split labeled on this cluster first
-            from wsss_platform.label.config import LabelConfig
-            from wsss_platform.label.job import run_label
-
-            cams = os.path.join(os.path.dirname(result), "cams")
-            run_label(build_config(LabelConfig, {}, [f"dataset.uri={dataset}", f"output={cams}", "model.name=tiny",
-                                                     "model.pretrained=none", "refine=[]", "tracking.enabled=false"]))
-            settings = [*settings, f"train.cams={cams}"]
-        cfg = build_config(cls.config, {}, [
-            f"dataset.uri={dataset}", "model.backbone=open_clip:tiny", "model.pretrained=none", "train.iterations=16",
-            "train.scale_range=[1.0,1.0]", "compute.num_workers=2",
-            f"output={os.path.join(os.path.dirname(result), 'out')}", *settings])
-        ds = open_dataset(cfg.dataset)
-        r, ids, payload = cls(cfg), list(ds.ids), cfg.dataset.worker_payload()
-        names = ["background", *ds.classes.names]
-        r.prepare(ids, payload, names, False, print)  # a frozen backbone's features, computed on the cluster first
-        trainer = TorchTrainer(
-            per_worker, datasets={"train": r.dataset(ids, payload)},
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "class_names": names,
-                               "result": result, "recipe": cls.name},
-            scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1},
-                                                   placement_strategy="STRICT_SPREAD"),
-            run_config=ray.train.RunConfig(storage_path=os.path.dirname(result), name="two-nodes"))
-        trainer.fit()
+        for recipe in recipes:
+            train_on(dataset, out, recipe)
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -68,3 +68,77 @@ def test_platform_names_no_method_in_an_if():
                 if any(c in names for c in consts if isinstance(c, str)):
                     hits.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not hits, hits
+
+
+def _modules(root: Path, package: str) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of a package (a package is its ``__init__``)."""
+    out = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        out[".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)])] = path
+    return out
+
+
+def _import_graph(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its file (at the top or inside a function)."""
+    import ast
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                    base = ".".join([*anchor[: len(anchor) - node.level + 1], *([base] if base else [])])
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in mods:  # `import wsss_core.models.x` of a package reaches its module
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    graph[name].add(t)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_module_imports_itself_round_a_cycle():
+    """No import cycle among the modules of wsss_core and wsss_platform, lazy imports included: a
+    lazy import inside a function is never the way round one."""
+    mods = _modules(REPO / "wsss_core", "wsss_core") | _modules(REPO / "platform" / "wsss_platform", "wsss_platform")
+    graph = _import_graph(mods)
+    assert len(mods) > 60 and "wsss_core.pairs" in graph["wsss_core.refine.random_walk"]  # the walk sees imports
+    assert not _cycles(graph)
+    # and it would see one: a module importing a module that imports it back
+    assert _cycles(graph | {"wsss_core.pairs": graph["wsss_core.pairs"] | {"wsss_core.refine.random_walk"}})

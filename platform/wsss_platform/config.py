@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
+
+from wsss_platform import storage
+from wsss_platform.section import Section as Section  # every section's base, imported from here
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -21,12 +24,6 @@ MASK = "***"
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the fix."""
-
-
-class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, assignment is validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def shown_override(item: str) -> str:
@@ -149,8 +146,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a local file or a URI (``s3://…/best.yaml``)."""
     p = Path(path)
     if "://" in str(path):
-        from wsss_platform import storage
-
         try:
             text = storage.read_text(str(path))
         except storage.StorageError as e:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import fsspec
 from pydantic import Field, SecretStr
 
-from wsss_platform.config import Section
+from wsss_platform.section import Section
 
 log = logging.getLogger("wsss.storage")
 R = TypeVar("R")

@@ -131,3 +131,28 @@ def test_a_refiner_the_source_cannot_feed_fails_at_validation():
         assert build_config(LabelConfig, {}, ["cam_source=test_no_attention", "refine=[crf]"]).refine == ["crf"]
     finally:
         del CAM_SOURCES._items["test_no_attention"]
+
+
+def test_every_refiner_section_defaults_to_the_refiner_s_own_defaults():
+    """One place for a method's defaults: the core class; each config section (and the affinity
+    schedule's random-walk keys) starts from them."""
+    import dataclasses
+
+    from wsss_core.registry import REFINERS
+    from wsss_platform.label.config import LabelConfig
+    from wsss_platform.train.config import AffinitySchedule
+
+    cfg, checked = LabelConfig(), 0
+    for name in REFINERS.names():
+        section = getattr(cfg, name, None)
+        if section is None:
+            continue
+        own = {f.name: f.default for f in dataclasses.fields(REFINERS.get(name)) if f.default is not dataclasses.MISSING}
+        for key, value in section.model_dump().items():
+            if key in own:
+                assert value == own[key], f"{name}.{key}: config {value!r}, {REFINERS.get(name).__name__} {own[key]!r}"
+                checked += 1
+    walk = {f.name: f.default for f in dataclasses.fields(REFINERS.get("random_walk"))}
+    for key in ("beta", "t", "alpha", "radius"):
+        assert AffinitySchedule.model_fields[key].default == walk[key], key
+    assert checked >= 15  # caa 4, crf 6, par 4, random_walk 5

@@ -11,6 +11,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from wsss_core.refine import (  # the refiners' defaults are the sections'
+    CAA,
+    PAR,
+    DenseCRF,
+    RandomWalk,
+)
 from wsss_core.registry import CAM_SOURCES, REFINERS, check_pipeline
 from wsss_platform.config import Section
 from wsss_platform.datasets.base import DatasetConfig
@@ -47,10 +53,10 @@ class TextConfig(Section):
 class CAAConfig(Section):
     """Settings of the ``caa`` refiner (``wsss_core.refine.caa.CAA``)."""
 
-    attn_layers: int = Field(8, ge=1, le=64)
-    box_threshold: float = Field(0.4, ge=0.0, le=1.0)
-    t: int = Field(2, ge=1, le=8)
-    sinkhorn_rounds: int = Field(3, ge=0, le=50)
+    attn_layers: int = Field(CAA.attn_layers, ge=1, le=64)
+    box_threshold: float = Field(CAA.box_threshold, ge=0.0, le=1.0)
+    t: int = Field(CAA.t, ge=1, le=8)
+    sinkhorn_rounds: int = Field(CAA.sinkhorn_rounds, ge=0, le=50)
 
 
 class MaskConfig(Section):
@@ -69,21 +75,21 @@ class MaskConfig(Section):
 class CRFConfig(Section):
     """Settings of the ``crf`` refiner (``wsss_core.refine.crf.DenseCRF``; CLIP-ES's reference values)."""
 
-    iterations: int = Field(10, ge=1, le=100)
-    gaussian_sxy: float = Field(1.0, gt=0)
-    gaussian_compat: float = Field(3.0, ge=0)
-    bilateral_sxy: float = Field(67.0, gt=0)
-    bilateral_srgb: float = Field(3.0, gt=0)
-    bilateral_compat: float = Field(4.0, ge=0)
+    iterations: int = Field(DenseCRF.iterations, ge=1, le=100)
+    gaussian_sxy: float = Field(DenseCRF.gaussian_sxy, gt=0)
+    gaussian_compat: float = Field(DenseCRF.gaussian_compat, ge=0)
+    bilateral_sxy: float = Field(DenseCRF.bilateral_sxy, gt=0)
+    bilateral_srgb: float = Field(DenseCRF.bilateral_srgb, gt=0)
+    bilateral_compat: float = Field(DenseCRF.bilateral_compat, ge=0)
 
 
 class PARConfig(Section):
     """Settings of the ``par`` refiner (``wsss_core.refine.par.PAR``; ToCo's reference values)."""
 
-    dilations: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 2, 4, 8, 12, 24), min_length=1)
-    iterations: int = Field(10, ge=1, le=100)
-    w1: float = Field(0.3, gt=0)
-    w2: float = Field(0.01, ge=0)
+    dilations: tuple[Annotated[int, Field(ge=1)], ...] = Field(PAR.dilations, min_length=1)
+    iterations: int = Field(PAR.iterations, ge=1, le=100)
+    w1: float = Field(PAR.w1, gt=0)
+    w2: float = Field(PAR.w2, ge=0)
 
 
 class RandomWalkConfig(Section):
@@ -92,12 +98,12 @@ class RandomWalkConfig(Section):
 
     checkpoint: str = ""
     """The output of ``wsss train affinity`` (its latest checkpoint) or one checkpoint folder, local or s3://."""
-    beta: float = Field(8.0, gt=0)
-    t: int = Field(256, ge=0)
-    alpha: float | None = Field(16.0, gt=0)
+    beta: float = Field(RandomWalk.beta, gt=0)
+    t: int = Field(RandomWalk.t, ge=0)
+    alpha: float | None = Field(RandomWalk.alpha, gt=0)
     """The walked background ``(1 − max CAM)^alpha``; null walks the mask rule's background."""
-    radius: int = Field(5, ge=2, le=16)
-    form: Literal["auto", "banded", "dense"] = "auto"
+    radius: int = Field(RandomWalk.radius, ge=2, le=16)
+    form: Literal["auto", "banded", "dense"] = RandomWalk.form
     """banded: O(N·r²) memory, t steps; dense: [N, N] matrices, log t products; auto: dense up to 4096 grid cells."""
 
 

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from wsss_core.refine import RandomWalk
 from wsss_platform.config import Section
 from wsss_platform.datasets.base import DatasetConfig
 
@@ -255,14 +256,14 @@ class AffinitySchedule(ScheduleBase):
     """Background power of confident foreground (PSA's la)."""
     alpha_high: float = Field(32.0, gt=0)
     """Background power of confident background (PSA's ha)."""
-    radius: int = Field(5, ge=2, le=16)
+    radius: int = Field(RandomWalk.radius, ge=2, le=16)
     crf: bool = False
     """PSA sharpens both confident maps with a dense CRF (needs pydensecrf)."""
     eval_images: int = Field(100, ge=1)
-    beta: float = Field(8.0, gt=0)
-    """Random walk while scoring (the ``random_walk`` refiner's keys)."""
-    t: int = Field(256, ge=0)
-    alpha: float = Field(16.0, gt=0)
+    beta: float = Field(RandomWalk.beta, gt=0)
+    """Random walk while scoring (the ``random_walk`` refiner's keys and defaults)."""
+    t: int = Field(RandomWalk.t, ge=0)
+    alpha: float = Field(RandomWalk.alpha, gt=0)
 
     @model_validator(mode="after")
     def _powers(self) -> AffinitySchedule:

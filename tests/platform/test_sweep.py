@@ -83,8 +83,9 @@ def test_cached_trials_equal_the_labeling_path(tmp_path):
         assert final["cams_cached"] == int(n == 1)  # the second trial reuses the first one's prompt setting
         label_cfg = build_config(LabelConfig, apply_params(payload, params))
         raw, refined = direct_miou(label_cfg, subset)
-        # equal up to the float16 storage of the cached attention
-        assert final["miou_raw"] == pytest.approx(raw, abs=1e-6)
+        # equal up to float16: `wsss label` refines its CAMs and attention rounded as its cache keeps them,
+        # the sweep's cache holds float32 CAMs and float16 attention
+        assert final["miou_raw"] == pytest.approx(raw, abs=1e-4)
         assert final["miou"] == pytest.approx(refined, abs=2e-3)
         assert final["objective"] == final["miou"] and 0 <= final["ignore_fraction"] <= 1
         assert math.isfinite(final["sharpness"]) and final["iou/background"] >= 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,18 +100,29 @@ def code_version() -> dict[str, str]:
         pkg = version("wsss-platform")
     except PackageNotFoundError:
         pkg = "unknown"
-    commit = "unknown"
-    head = REPO_ROOT / ".git" / "HEAD"
+    return {"package": pkg, "git_commit": _git_commit()}
+
+
+def _git_commit() -> str:
+    # git itself knows worktrees, packed refs and detached heads; reading .git by hand is only the
+    # fallback for images that ship the checkout without a git binary.
+    import subprocess
+
     try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            ref_path = REPO_ROOT / ".git" / ref[5:]
-            commit = ref_path.read_text().strip() if ref_path.exists() else commit
-        else:
-            commit = ref
-    except OSError:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", out.stdout.strip()):
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
         pass
-    return {"package": pkg, "git_commit": commit}
+    try:
+        ref = (REPO_ROOT / ".git" / "HEAD").read_text().strip()
+        if not ref.startswith("ref: "):
+            return ref
+        ref_path = REPO_ROOT / ".git" / ref[5:]
+        return ref_path.read_text().strip() if ref_path.exists() else "unknown"
+    except OSError:
+        return "unknown"
 
 
 def keep_credentials_out_of_runtime_envs() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,15 +45,32 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_log(tmp_path_factory) -> Path:
+    """The S3 server's access log: one line per request (``"GET /bucket/key HTTP/1.1" 200``)."""
+    return tmp_path_factory.mktemp("moto") / "requests.log"
+
+
+@pytest.fixture
+def s3_requests(s3_log):
+    """``s3_requests(method, path)``: the requests the S3 server has answered for ``path``
+    (``/bucket/key``, exactly, query strings apart) with that method so far."""
+    def count(method: str, path: str) -> int:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", s3_log.read_text(errors="replace"))  # werkzeug colours its log
+        return sum(f'"{method} {path} ' in line or f'"{method} {path}?' in line for line in text.splitlines())
+    return count
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_log):
     """A real S3 API (moto in server mode) on loopback; yields its endpoint URL.
 
     Credentials and endpoint go through the standard AWS environment variables, exactly as a user
     would configure a real S3-compatible store.
     """
     port = free_port()
+    log = open(s3_log, "w")  # noqa: SIM115 - open for the server's lifetime
     proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_for_port(port, proc)
         endpoint = f"http://127.0.0.1:{port}"
@@ -64,6 +82,7 @@ def s3_server():
     finally:
         proc.terminate()
         proc.wait(10)
+        log.close()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

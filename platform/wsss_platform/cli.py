@@ -24,8 +24,11 @@ def _progress(label: str):
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from wsss_platform.datasets.demo import write_demo_dataset
 
+    if args.voc_aug and args.layout != "voc":
+        raise ValueError("--voc-aug is a VOC layout (train_aug + SegmentationClassAug); drop it or "
+                         "use --layout voc")
     splits = write_demo_dataset(args.out, args.layout, args.num_images, args.seed,
-                                progress=_progress(f"writing {args.layout} demo data"))
+                                progress=_progress(f"writing {args.layout} demo data"), voc_aug=args.voc_aug)
     print(f"wrote {args.num_images} images ({', '.join(f'{k}: {len(v)}' for k, v in splits.items())}) "
           f"in {args.layout} layout to {args.out}")
     return 0
@@ -36,7 +39,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from wsss_platform.datasets.check import check_dataset
 
     cfg = DatasetConfig(uri=args.uri, layout=args.layout, split=args.split, labels_from=args.labels_from,
-                        limit=args.limit)
+                        limit=args.limit, masks_dir=args.masks_dir, labels_file=args.labels_file)
     report = check_dataset(cfg)
     print(report.format(max_problems=args.max_problems))
     return 0 if report.ok else 1
@@ -496,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output URI: a local path or s3://bucket/prefix")
     d.add_argument("--num-images", type=int, default=100, help="scenes to generate (split 80/20 into train/val)")
     d.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same data)")
+    d.add_argument("--voc-aug", action="store_true",
+                   help="VOC as WSSS papers use it: split train_aug, ground truth in SegmentationClassAug/ (grey PNGs)")
     d.set_defaults(func=cmd_demo_data)
     _describe(d, "demo-data")
 
@@ -507,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default="train", help="split name (VOC: ImageSets/Segmentation/<split>.txt)")
     c.add_argument("--labels-from", choices=["auto", "xml", "mask"], default="auto",
                    help="VOC image-level labels: Annotations XML, masks, or xml when present")
+    c.add_argument("--masks-dir", default="SegmentationClass",
+                   help="VOC ground-truth folder (SegmentationClassAug for the train_aug split)")
+    c.add_argument("--labels-file", default=None, help="VOC labels of ids without an XML: '<id> <class> ...' lines")
     c.add_argument("--limit", type=int, default=None, help="check only the first N images")
     c.add_argument("--max-problems", type=int, default=50, help="problems to print (all are counted)")
     c.set_defaults(func=cmd_data_check)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ from wsss_platform import storage
 from wsss_platform.storage import StorageOptions
 
 PARTS = "manifest-parts"
+INDEX = "index"
+"""The folder of the dataset's per-image index (``datasets.index``): an input's cache, kept on --overwrite."""
 AUX_PREFIX = "aux/"
 INFLIGHT = "inflight"
 RESULTS = ("masks", "pseudo", "confidence", "cams", PARTS, INFLIGHT, "manifest.parquet")
@@ -147,11 +150,15 @@ def write_part(output: str, rows: list[dict[str, Any]], options: StorageOptions 
 
 def read_parts(output: str, options: StorageOptions | None = None) -> pa.Table:
     """All manifest parts, one row per image (the latest part wins; a retried batch may repeat rows)."""
-    tables = []
-    for name in storage.list_names(storage.join(output, PARTS), options):
-        if name.endswith(".parquet"):
-            data = storage.read_bytes(storage.join(output, PARTS, name), options)
-            tables.append(pq.read_table(io.BytesIO(data)).cast(MANIFEST_SCHEMA))
+    names = [n for n in storage.list_names(storage.join(output, PARTS), options) if n.endswith(".parquet")]
+
+    def read(name: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, PARTS, name), options))).cast(
+            MANIFEST_SCHEMA)
+
+    # one part a batch: a resume of a large job reads hundreds of small objects, latency-bound one by one
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        tables = list(pool.map(read, names))
     if not tables:
         return MANIFEST_SCHEMA.empty_table()
     table = pa.concat_tables(tables)

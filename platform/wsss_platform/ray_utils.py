@@ -87,6 +87,16 @@ def check_credentials_reach_workers(address: str | None, storage: StorageOptions
             "instance role, a Kubernetes Secret) and remove them from the config")
 
 
+def record_items(ds, ids: list[str], blocks: int | None = None):
+    """``ids`` of ``ds`` as a Ray Dataset of ``{"image_id", "record"}`` rows (``blocks`` of them, by
+    default up to 64): each row carries what its worker needs to load the image
+    (``datasets.RecordReader``), so no worker opens the annotations."""
+    import ray
+
+    items = [{"image_id": i, "record": r} for i, r in zip(ids, ds.records(ids), strict=True)]
+    return ray.data.from_items(items, override_num_blocks=blocks or max(1, min(len(ids), 64)))
+
+
 def cluster_gpus() -> float:
     import ray
 

@@ -313,6 +313,44 @@ def list_names(uri: str, options: StorageOptions | None = None) -> list[str]:
         raise _wrap(uri, "listing", e) from e
 
 
+def _version(entry: dict[str, Any]) -> str:
+    """What changes when an object's content does: S3's ETag, else the modification time."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
+        if entry.get(key) is not None:
+            return str(entry[key]).strip('"')
+    return ""
+
+
+def info(uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
+    """``{"size", "version"}`` of one file (version: ETag or mtime), for fingerprints of inputs."""
+    fs, path = filesystem(uri, options)
+    try:
+        entry = retrying(uri, lambda: fs.info(path), options)
+    except FileNotFoundError:
+        raise StorageError(f"not found: {uri}") from None
+    except Exception as e:
+        raise _wrap(uri, "checking", e) from e
+    return {"size": int(entry.get("size") or 0), "version": _version(entry)}
+
+
+def list_info(uri: str, options: StorageOptions | None = None) -> dict[str, tuple[int, str]]:
+    """Base name -> (size, version) of the files directly under ``uri`` (empty when it does not exist):
+    one listing, however many files (S3 pages it by 1,000)."""
+    fs, path = filesystem(uri, options)
+
+    def ls() -> dict[str, tuple[int, str]]:
+        if not fs.exists(path):
+            return {}
+        fs.invalidate_cache(path)
+        return {posixpath.basename(e["name"].rstrip("/")): (int(e.get("size") or 0), _version(e))
+                for e in fs.ls(path, detail=True)}
+
+    try:
+        return retrying(uri, ls, options)
+    except Exception as e:
+        raise _wrap(uri, "listing", e) from e
+
+
 def open_uri(uri: str, mode: str = "rb", options: StorageOptions | None = None):
     fs, path = filesystem(uri, options)
     try:

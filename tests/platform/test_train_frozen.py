@@ -68,13 +68,13 @@ def _weights_file(path) -> str:
 
 
 def test_the_feature_cache_is_reused_and_recomputed_when_what_shapes_it_changes(labelled, tmp_path, ray_local):
-    ids = list(open_dataset(DatasetConfig(uri=str(labelled / "voc"))).ids)
-    payload = DatasetConfig(uri=str(labelled / "voc")).worker_payload()
+    ds = open_dataset(DatasetConfig(uri=str(labelled / "voc")))
+    ids = list(ds.ids)
     weights = _weights_file(tmp_path / "tiny.pt")
     cache = f"train.feature_cache={tmp_path / 'cache'}"
 
     def run(*extra: str) -> tuple[str, int]:
-        return features.ensure_features(_cfg(labelled, tmp_path / "out", cache, *extra), ids, payload, NAMES, False)
+        return features.ensure_features(_cfg(labelled, tmp_path / "out", cache, *extra), ds, ids, NAMES, False)
 
     uri, computed = run(f"model.pretrained={weights}")
     assert computed == len(ids) and sorted(storage.list_names(uri)) == sorted(f"{i}.npz" for i in ids)

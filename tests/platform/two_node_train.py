@@ -95,11 +95,11 @@ def train_on(cluster_dataset: str, out: str, recipe: str) -> None:
         "train.iterations=16", "train.scale_range=[1.0,1.0]", "compute.num_workers=2",
         f"output={os.path.join(out, recipe)}", *settings])
     ds = open_dataset(cfg.dataset)
-    r, ids, payload = cls(cfg), list(ds.ids), cfg.dataset.worker_payload()
+    r, ids = cls(cfg), list(ds.ids)
     names = ["background", *ds.classes.names]
-    r.prepare(ids, payload, names, False, print)  # a frozen backbone's features, computed on the cluster first
+    r.prepare(ds, ids, names, False, print)  # a frozen backbone's features, computed on the cluster first
     trainer = TorchTrainer(
-        per_worker, datasets={"train": r.dataset(ids, payload)},
+        per_worker, datasets={"train": r.dataset(ds, ids)},
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "class_names": names,
                            "result": os.path.join(out, f"{recipe}.json"), "recipe": cls.name},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1},

@@ -37,6 +37,12 @@ class DatasetConfig(Section):
     split: str = "train"
     labels_from: Literal["auto", "xml", "mask"] = "auto"
     """VOC only: image-level labels from Annotations/*.xml, from the masks, or xml when present."""
+    masks_dir: str = "SegmentationClass"
+    """VOC only: the ground-truth folder; ``SegmentationClassAug`` for the ``train_aug`` split (10,582
+    ids, single-channel PNGs) the WSSS literature trains on."""
+    labels_file: str | None = None
+    """VOC only: image-level labels of ids without an XML, one line each: ``<id> <class> <class> …``
+    (class names or 1-based labels)."""
     limit: int | None = None
     """Use only the first N images of the split (quick runs, sweeps on a subset)."""
     max_image_pixels: int | None = Field(2_000_000, ge=1)
@@ -64,12 +70,23 @@ class Row:
 
 
 class Dataset(Protocol):
+    """A split: parsed on the driver, read per image by workers through its records."""
+
     uri: str
     split: str
+    layout: str
     classes: ClassSet
     ids: list[str]
 
     def load(self, image_id: str) -> Row: ...
+
+    def record(self, image_id: str) -> bytes:
+        """What a worker needs to load this image (``index.RecordReader(reader_payload()).load``)."""
+        ...
+
+    def records(self, ids: list[str]) -> list[bytes]: ...
+
+    def reader_payload(self) -> dict[str, Any]: ...
 
     def has_masks(self) -> bool: ...
 
@@ -130,6 +147,15 @@ def require_images(ids: list[str], source: str) -> None:
         raise DatasetError(f"{source} lists no images: nothing to do (check the split name and the file)")
 
 
+def labels_from_mask(mask: np.ndarray, num_classes: int, name: str) -> list[int]:
+    """The classes present in a ground-truth mask (1..num_classes; 0 and 255 are not labels)."""
+    values = np.unique(mask)
+    bad = [int(v) for v in values if v != 255 and v > num_classes]
+    if bad:
+        raise DatasetError(f"mask {name} has label values {bad} beyond the {num_classes} classes")
+    return [int(v) for v in values if 0 < v <= num_classes]
+
+
 def decode_mask(data: bytes, name: str) -> np.ndarray:
     """Palette or greyscale PNG -> uint8 [H, W] of label indices."""
     try:
@@ -152,6 +178,13 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     im.putpalette(voc_palette().reshape(-1).tolist())
     buf = io.BytesIO()
     im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_grey_png(mask: np.ndarray) -> bytes:
+    """uint8 [H, W] label indices -> single-channel (L) PNG bytes, as VOC's SegmentationClassAug."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="L").save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -100,7 +100,9 @@ def _check_voc(ds: VOCDataset, image_id: str) -> tuple[list[int] | None, tuple[i
                 problems.append(Problem(m_uri, f"mask values {bad} are not classes (0..{ds.classes.num_classes} or 255)"))
     labels: list[int] | None = None
     unknown: list[str] = []
-    if ds.labels_from == "xml":
+    if ds.labels_from == "xml" and not ds.has_xml(image_id) and image_id in ds.file_labels:
+        labels = ds.file_labels[image_id]
+    elif ds.labels_from == "xml":
         x_uri = ds.xml_uri(image_id)
         try:
             names = ds.xml_names(image_id)
@@ -109,7 +111,8 @@ def _check_voc(ds: VOCDataset, image_id: str) -> tuple[list[int] | None, tuple[i
                 problems.append(Problem(x_uri, f"unknown class name(s) {unknown}; known: {', '.join(ds.classes.names)}"))
             labels = sorted({ds.classes.label_of(n) for n in names if n in ds.classes.names})
         except storage.StorageError:
-            problems.append(Problem(x_uri, "missing annotation XML"))
+            problems.append(Problem(x_uri, "missing annotation XML" + ("" if ds.labels_file else
+                                                                        " (or give its labels in --labels-file)")))
         except DatasetError as e:
             problems.append(Problem(x_uri, str(e)))
     elif mask is not None:

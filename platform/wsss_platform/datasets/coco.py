@@ -3,7 +3,8 @@
 Category ids map to contiguous labels 1..C in ascending id order; the mapping is recorded with
 every output (``class_mapping``). Semantic masks are rendered from the instance segmentations
 (polygons or RLE) with pycocotools: larger instances first so smaller ones stay visible on top,
-crowd regions 255 (ignored).
+crowd regions 255 (ignored). The instances JSON is parsed once, on the driver; each image's record
+carries its own annotations (segmentation, crowd flag, area, label) to the worker that reads it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pycocotools import mask as mask_utils
 
 from wsss_core.classes import COCO_SYNONYMS, ClassSet
 from wsss_platform import storage
-from wsss_platform.datasets.base import DatasetError, Row, decode_image, log, require_images
+from wsss_platform.datasets.base import DatasetError, Row, log, require_images
+from wsss_platform.datasets.index import LAYOUT_READERS, RecordReader, encode_record, fingerprint
 from wsss_platform.storage import StorageOptions
 
 
@@ -93,6 +95,27 @@ class COCODataset:
             self.ids = self.ids[:limit]
         self.max_pixels = max_pixels
         self.image_dir = self._find_image_dir()
+        self.reader = RecordReader(self.reader_payload(), options)
+
+    def reader_payload(self) -> dict[str, Any]:
+        return {"layout": "coco", "image_dir": self.image_dir, "ann_uri": self.ann_uri, "max_pixels": self.max_pixels,
+                "storage": storage.without_secrets(self.options)}
+
+    def record(self, image_id: str) -> bytes:
+        im = self.images[image_id]
+        rec = {"image_id": image_id, "file_name": im["file_name"], "height": int(im["height"]),
+               "width": int(im["width"])}
+        try:
+            rec["labels"] = self.labels(image_id)
+        except DatasetError as e:  # this image fails alone, when a worker reads it
+            return encode_record(rec | {"error": str(e)})
+        anns = sorted(self.anns.get(image_id, []), key=lambda a: -float(a.get("area", 0)))
+        rec["anns"] = [[a["segmentation"], int(a.get("iscrowd", 0)), self.label_of_category[int(a["category_id"])]]
+                       for a in anns]
+        return encode_record(rec)
+
+    def records(self, ids: list[str]) -> list[bytes]:
+        return [self.record(i) for i in ids]
 
     def _find_image_dir(self) -> str:
         for cand in (storage.join(self.uri, "images", self.split), storage.join(self.uri, self.split),
@@ -125,25 +148,39 @@ class COCODataset:
                        if not a.get("iscrowd", 0)})
 
     def render_mask(self, image_id: str) -> np.ndarray:
-        im = self.images[image_id]
-        h, w = int(im["height"]), int(im["width"])
-        mask = np.zeros((h, w), dtype=np.uint8)
-        anns = sorted(self.anns.get(image_id, []), key=lambda a: -float(a.get("area", 0)))
-        for ann in anns:
-            region = segmentation_to_mask(ann["segmentation"], h, w)
-            if ann.get("iscrowd", 0):
-                mask[region] = 255
-            else:
-                mask[region] = self.label_of_category[int(ann["category_id"])]
-        return mask
+        rec = json.loads(self.record(image_id))
+        return render_mask(rec["anns"], int(rec["height"]), int(rec["width"]))
 
     def load(self, image_id: str) -> Row:
-        uri = self.image_uri(image_id)
-        image = decode_image(storage.read_bytes(uri, self.options), uri, self.max_pixels)
-        im = self.images[image_id]
-        if image.shape[:2] != (int(im["height"]), int(im["width"])):
-            raise DatasetError(
-                f"image {uri} is {image.shape[1]}x{image.shape[0]} but {self.ann_uri} says "
-                f"{im['width']}x{im['height']} (w x h)"
-            )
-        return Row(image_id, image, self.labels(image_id), self.render_mask(image_id))
+        return self.reader.load(self.record(image_id))
+
+
+def render_mask(anns: list[list[Any]], h: int, w: int) -> np.ndarray:
+    """A record's ``[segmentation, iscrowd, label]`` list (largest first) -> uint8 [h, w] semantic mask."""
+    mask = np.zeros((h, w), dtype=np.uint8)
+    for segm, crowd, label in anns:
+        mask[segmentation_to_mask(segm, h, w)] = 255 if crowd else label
+    return mask
+
+
+def load_coco(reader: RecordReader, rec: dict[str, Any]) -> Row:
+    """A COCO record -> its row: the image (checked against the annotated size) and the rendered mask."""
+    p = reader.payload
+    uri = storage.join(p["image_dir"], rec["file_name"])
+    image = reader.image(uri)
+    h, w = int(rec["height"]), int(rec["width"])
+    if image.shape[:2] != (h, w):
+        raise DatasetError(f"image {uri} is {image.shape[1]}x{image.shape[0]} but {p['ann_uri']} says {w}x{h} (w x h)")
+    return Row(rec["image_id"], image, list(rec["labels"]), render_mask(rec["anns"], h, w))
+
+
+LAYOUT_READERS["coco"] = load_coco
+
+
+def coco_fingerprint(cfg) -> str:
+    """The annotation file's URI, size and ETag (or mtime) and the settings that shape the records
+    (``cfg``: a DatasetConfig): a changed file is a new index."""
+    uri = annotation_uri(cfg.uri.rstrip("/"), cfg.split)
+    info = storage.info(uri, cfg.storage) if storage.exists(uri, cfg.storage) else None
+    return fingerprint({"ann": uri, "file": info,
+                        "settings": cfg.model_dump(mode="json", include={"uri", "split"})})

@@ -17,7 +17,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from wsss_platform import storage
-from wsss_platform.datasets.base import encode_jpeg, encode_mask_png
+from wsss_platform.datasets.base import encode_grey_png, encode_jpeg, encode_mask_png
 from wsss_platform.storage import StorageOptions
 
 SHAPES: tuple[str, ...] = (
@@ -217,12 +217,20 @@ def category_id(label: int) -> int:
 
 def write_demo_dataset(out: str, layout: str, num_images: int, seed: int = 0,
                        options: StorageOptions | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> dict[str, list[str]]:
-    """Write a synthetic dataset to ``out`` in ``layout`` (voc|coco); returns the split ids."""
+                       progress: Callable[[int, int], None] | None = None, voc_aug: bool = False) -> dict[str, list[str]]:
+    """Write a synthetic dataset to ``out`` in ``layout`` (voc|coco); returns the split ids.
+
+    ``voc_aug``: VOC as the WSSS literature uses it: splits ``train_aug`` and ``val``, every ground
+    truth in ``SegmentationClassAug/`` as single-channel PNGs, ``SegmentationClass/`` (palette) for
+    the val ids only.
+    """
     if num_images < 1:
         raise ValueError("num_images must be >= 1")
     items = generate(num_images, seed)
     splits = split_ids([i for i, _ in items])
+    if voc_aug:
+        splits = {"train_aug": splits["train"], "val": splits["val"]}
+    val = set(splits.get("val", []))
     out = out.rstrip("/")
     done = [0]
 
@@ -230,8 +238,12 @@ def write_demo_dataset(out: str, layout: str, num_images: int, seed: int = 0,
         image_id, scene = item
         if layout == "voc":
             storage.write_bytes(storage.join(out, "JPEGImages", f"{image_id}.jpg"), encode_jpeg(scene.image), options)
-            storage.write_bytes(storage.join(out, "SegmentationClass", f"{image_id}.png"),
-                                encode_mask_png(scene.mask), options)
+            if not voc_aug or image_id in val:
+                storage.write_bytes(storage.join(out, "SegmentationClass", f"{image_id}.png"),
+                                    encode_mask_png(scene.mask), options)
+            if voc_aug:
+                storage.write_bytes(storage.join(out, "SegmentationClassAug", f"{image_id}.png"),
+                                    encode_grey_png(scene.mask), options)
             storage.write_text(storage.join(out, "Annotations", f"{image_id}.xml"), _voc_xml(image_id, scene), options)
         else:
             storage.write_bytes(storage.join(out, "images", f"{image_id}.jpg"), encode_jpeg(scene.image), options)

@@ -21,7 +21,7 @@ import torch
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.types import PseudoMask
 from wsss_platform import metrics, outputs, storage
-from wsss_platform.datasets import DatasetConfig, DatasetError, open_dataset
+from wsss_platform.datasets import DatasetError, RecordReader
 from wsss_platform.datasets.base import encode_mask_png
 from wsss_platform.label.config import LabelConfig
 from wsss_platform.label.stages import build_pipeline, class_set, device_for
@@ -37,19 +37,20 @@ def _objects(values: list[Any]) -> np.ndarray:
 
 
 class Loader:
-    """Reads and decodes images (and ground truth) by id; a failure becomes an ``error`` string.
+    """Reads and decodes images (and ground truth) from the rows' records; a failure becomes an
+    ``error`` string. It holds a reader of a few settings, never the dataset's index.
 
     Reads run on a few threads: object-store latency overlaps, and PIL decodes without the GIL.
     """
 
-    def __init__(self, dataset: dict[str, Any], threads: int = 4) -> None:
-        self.ds = open_dataset(DatasetConfig.model_validate(dataset))
+    def __init__(self, reader: dict[str, Any], threads: int = 4) -> None:
+        self.reader = RecordReader(reader)
         self.pool = ThreadPoolExecutor(max_workers=threads)
 
-    def _load(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, float]:
+    def _load(self, image_id: str, record: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, float]:
         t0 = time.perf_counter()
         try:
-            row = self.ds.load(image_id)
+            row = self.reader.load(record)
             mask = row.mask if row.mask is not None else EMPTY_MASK
             return row.image, np.asarray(row.labels, dtype=np.int32), mask, "", time.perf_counter() - t0
         except (DatasetError, storage.StorageError) as e:
@@ -59,7 +60,7 @@ class Loader:
                     time.perf_counter() - t0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        loaded = list(self.pool.map(self._load, [str(i) for i in batch["image_id"]]))
+        loaded = list(self.pool.map(self._load, [str(i) for i in batch["image_id"]], batch["record"]))
         images, labels, masks, errors, seconds = (list(col) for col in zip(*loaded, strict=True)) if loaded else ([],) * 5
         return {"image_id": np.asarray(batch["image_id"]), "image": _objects(images), "labels": _objects(labels),
                 "mask": _objects(masks), "error": np.asarray(errors, dtype=object),
@@ -254,9 +255,9 @@ class LoadingLabeler(Labeler):
     with the labelers for the same cores and copy every decoded image between processes."""
 
     def __init__(self, config: dict[str, Any], class_names: list[str], gpus: float, job_token: str,
-                 dataset: dict[str, Any]) -> None:
+                 reader: dict[str, Any]) -> None:
         super().__init__(config, class_names, gpus, job_token)
-        self.loader = Loader(dataset)
+        self.loader = Loader(reader)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return super().__call__(self.loader(batch))

@@ -29,7 +29,7 @@ from wsss_core.metrics import ConfusionMatrix
 from wsss_platform import outputs, storage
 from wsss_platform.config import flatten
 from wsss_platform.console import Progress, quiet_ray
-from wsss_platform.datasets import Dataset, open_dataset
+from wsss_platform.datasets import Dataset, keep_index, open_indexed
 from wsss_platform.datasets.base import decode_mask
 from wsss_platform.label.actors import Labeler, Loader, LoadingLabeler, memory_per_actor
 from wsss_platform.label.config import LabelConfig
@@ -41,6 +41,7 @@ from wsss_platform.ray_utils import (
     cluster_gpus,
     code_version,
     init_ray,
+    record_items,
 )
 from wsss_platform.tracking import JobRun
 
@@ -110,19 +111,18 @@ def _pipeline(cfg: LabelConfig, ds: Dataset, todo: list[str], token: str, isolat
         loaders = 2 if gpus > 0 else 0
     batch_size = 1 if isolate else cfg.compute.batch_size
     load_batch = 1 if isolate else cfg.compute.loader_batch_size
-    rows = ray.data.from_items([{"image_id": i} for i in todo],
-                               override_num_blocks=max(1, min(len(todo), len(todo) // load_batch)))
-    dataset = cfg.dataset.worker_payload()
-    labeler_kwargs = {"config": cfg.model_dump(mode="json") | {"dataset": dataset},
+    rows = record_items(ds, todo, max(1, min(len(todo), len(todo) // load_batch)))
+    reader = ds.reader_payload()
+    labeler_kwargs = {"config": cfg.model_dump(mode="json") | {"dataset": cfg.dataset.worker_payload()},
                       "class_names": list(ds.classes.names), "gpus": gpus, "job_token": token}
     if loaders:
         rows = rows.map_batches(
-            Loader, fn_constructor_kwargs={"dataset": dataset},
+            Loader, fn_constructor_kwargs={"reader": reader},
             batch_size=load_batch, batch_format="numpy", num_cpus=0.5,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=loaders))
         labeler = Labeler
     else:
-        labeler, labeler_kwargs = LoadingLabeler, labeler_kwargs | {"dataset": dataset}
+        labeler, labeler_kwargs = LoadingLabeler, labeler_kwargs | {"reader": reader}
     memory = memory_per_actor(cfg)
     _check_memory(memory)
     with warnings.catch_warnings():
@@ -158,11 +158,15 @@ def _check_memory(memory: int | None) -> None:
                           "dataset.max_image_pixels, or set compute.memory_per_actor (bytes, or null for no limit)")
 
 
-def label_settings(cfg: LabelConfig) -> dict[str, Any]:
-    """What shapes the masks: an output holds the results of one such setting (DESIGN.md)."""
+def label_settings(cfg: LabelConfig, source: str | None = None) -> dict[str, Any]:
+    """What shapes the masks: an output holds the results of one such setting (DESIGN.md), and of
+    one version of the annotations (``source``: the dataset's source fingerprint)."""
     settings = cfg.model_dump(mode="json", include={"cam_source", "refine", "model", "text", "mask",
                                                     *(r for r in cfg.refine if r in LabelConfig.model_fields)})
-    settings["dataset"] = cfg.dataset.model_dump(mode="json", include={"uri", "layout", "split", "labels_from"})
+    settings["dataset"] = cfg.dataset.model_dump(mode="json", include={"uri", "layout", "split", "labels_from",
+                                                                       "labels_file"})
+    if source is not None:  # a changed annotation file (another index fingerprint) is another labeling
+        settings["dataset"]["annotations"] = source
     return settings
 
 
@@ -175,7 +179,7 @@ def _previous_settings(run: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
-def claim_output(cfg: LabelConfig, log) -> None:
+def claim_output(cfg: LabelConfig, log, source: str | None = None) -> None:
     """Make the (locked) output this run's: refuse one made with other settings, clear it on
     --overwrite, drop what killed runs left (in-flight markers, temporary files)."""
     out, opts = cfg.output, cfg.dataset.storage
@@ -188,7 +192,11 @@ def claim_output(cfg: LabelConfig, log) -> None:
             old = _previous_settings(json.loads(storage.read_text(run_uri, opts)))
         except ValueError:
             old = {}
-        if fingerprint(old) != fingerprint(new := label_settings(cfg)):
+        new = label_settings(cfg, source)
+        for key in ("labels_file", "annotations"):  # outputs written before these were recorded compare without them
+            if key not in old.get("dataset", {}):
+                new["dataset"].pop(key, None)
+        if fingerprint(old) != fingerprint(new):
             refuse_changed(out, old, new, "pseudo masks")
     storage.remove(storage.join(out, outputs.INFLIGHT), opts)
     if removed := storage.sweep_temporaries(out):
@@ -247,12 +255,14 @@ def run_label(cfg: LabelConfig, log=print) -> LabelSummary:
     check_credentials_reach_workers(cfg.ray_address, cfg.dataset.storage)
     storage.export_credentials(cfg.dataset.storage)
     check_model_paths(cfg)
-    ds = open_dataset(cfg.dataset)
-    check_stages(cfg, class_set(list(ds.classes.names), cfg))
     cfg = cfg.model_copy(update={"output": cfg.output.rstrip("/")})
     out, opts = cfg.output, cfg.dataset.storage
+    ds, index = open_indexed(cfg.dataset, storage.join(out, outputs.INDEX))
+    check_stages(cfg, class_set(list(ds.classes.names), cfg))
+    source = ds.source
     with OutputLock(out, opts, "wsss label"):
-        claim_output(cfg, log)
+        claim_output(cfg, log, source)
+        keep_index(ds, index, opts)
         previous = outputs.read_parts(out, opts)
         complete = {r["image_id"] for r in previous.select(["image_id", "status"]).to_pylist() if r["status"] == "done"}
         todo = [i for i in ds.ids if i not in complete]
@@ -261,7 +271,7 @@ def run_label(cfg: LabelConfig, log=print) -> LabelSummary:
             f"{summary.skipped} already complete, {len(todo)} to do -> {out}")
         if not todo:
             return _nothing_to_do(cfg, ds, summary, log)
-        settings = label_settings(cfg)
+        settings = label_settings(cfg, source)
         run_info = {"config": cfg.model_dump(mode="json"), "settings": settings, "fingerprint": fingerprint(settings),
                     "code": code_version(), "classes": ds.class_mapping(), "started_at": time.time(),
                     "ray_address": cfg.ray_address}

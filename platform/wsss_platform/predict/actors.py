@@ -73,9 +73,9 @@ class Predictor:
 class LoadingPredictor(Predictor):
     """Loader and Predictor in one actor, for CPU clusters (as ``label.actors.LoadingLabeler``)."""
 
-    def __init__(self, config: dict[str, Any], checkpoint: str, gpus: float, dataset: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], checkpoint: str, gpus: float, reader: dict[str, Any]) -> None:
         super().__init__(config, checkpoint, gpus)
-        self.loader = Loader(dataset)
+        self.loader = Loader(reader)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return super().__call__(self.loader(batch))

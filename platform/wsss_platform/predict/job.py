@@ -19,7 +19,7 @@ import pyarrow as pa
 from wsss_platform import checkpoint, outputs, storage
 from wsss_platform.config import ConfigError, flatten
 from wsss_platform.console import Progress, quiet_ray
-from wsss_platform.datasets import Dataset, open_dataset
+from wsss_platform.datasets import Dataset, keep_index, open_indexed
 from wsss_platform.datasets.base import decode_mask
 from wsss_platform.label.actors import Loader
 from wsss_platform.label.job import confusion_from
@@ -30,6 +30,7 @@ from wsss_platform.ray_utils import (
     cluster_gpus,
     code_version,
     init_ray,
+    record_items,
 )
 from wsss_platform.tracking import JobRun
 
@@ -64,20 +65,20 @@ def _gpus(cfg: PredictConfig) -> tuple[float, int]:
     return gpus, cfg.compute.max_actors or (max(1, int(total // gpus)) if gpus else 1)
 
 
-def _pipeline(cfg: PredictConfig, ids: list[str], ckpt: str):
+def _pipeline(cfg: PredictConfig, ds: Dataset, ckpt: str):
     import ray
 
     gpus, actors = _gpus(cfg)
-    payload = cfg.dataset.worker_payload()
-    rows = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 200)))
-    kwargs: dict[str, Any] = {"config": cfg.model_dump(mode="json") | {"dataset": payload}, "checkpoint": ckpt,
-                              "gpus": gpus}
+    reader = ds.reader_payload()
+    rows = record_items(ds, list(ds.ids), max(1, min(len(ds.ids), 200)))
+    kwargs: dict[str, Any] = {"config": cfg.model_dump(mode="json") | {"dataset": cfg.dataset.worker_payload()},
+                              "checkpoint": ckpt, "gpus": gpus}
     predictor = Predictor
     if gpus:  # decoding on CPU actors keeps the GPUs busy
-        rows = rows.map_batches(Loader, fn_constructor_kwargs={"dataset": payload}, batch_size=cfg.compute.batch_size,
+        rows = rows.map_batches(Loader, fn_constructor_kwargs={"reader": reader}, batch_size=cfg.compute.batch_size,
                                 num_cpus=0.5, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2 * actors))
     else:
-        predictor, kwargs = LoadingPredictor, kwargs | {"dataset": payload}
+        predictor, kwargs = LoadingPredictor, kwargs | {"reader": reader}
     return rows.map_batches(predictor, fn_constructor_kwargs=kwargs, batch_size=cfg.compute.batch_size,
                             num_gpus=gpus, num_cpus=cfg.compute.cpus_per_actor,
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
@@ -90,11 +91,11 @@ def _check_classes(names: list[str], ds: Dataset, ckpt: str) -> None:
                           "the segmenter was trained on")
 
 
-def _predict(cfg: PredictConfig, ids: list[str], ckpt: str, summary: PredictSummary) -> list[dict[str, Any]]:
+def _predict(cfg: PredictConfig, ds: Dataset, ckpt: str, summary: PredictSummary) -> list[dict[str, Any]]:
     init_ray(cfg.ray_address, cfg.dataset.storage)
     quiet_ray()
-    progress, rows, t0 = Progress("[wsss predict]", len(ids)), [], time.perf_counter()
-    for batch in _pipeline(cfg, ids, ckpt).iter_batches(batch_size=None, batch_format="numpy"):
+    progress, rows, t0 = Progress("[wsss predict]", len(ds.ids)), [], time.perf_counter()
+    for batch in _pipeline(cfg, ds, ckpt).iter_batches(batch_size=None, batch_format="numpy"):
         new = [json.loads(r) for r in batch["row"]]
         rows += new
         failed = sum(r["status"] == "failed" for r in new)
@@ -129,8 +130,9 @@ def run_predict(cfg: PredictConfig, log=print) -> PredictSummary:
         raise ConfigError("checkpoint: give a `wsss train` checkpoint folder or training output (--checkpoint URI)")
     cfg = cfg.model_copy(update={"output": cfg.output.rstrip("/")})
     ckpt = checkpoint.resolve(cfg.checkpoint, cfg.dataset.storage)
-    ds = open_dataset(cfg.dataset)
+    ds, index = open_indexed(cfg.dataset, storage.join(cfg.output, outputs.INDEX))
     _check_classes(checkpoint.spec_of(checkpoint.load_state(ckpt, cfg.dataset.storage), ckpt)["class_names"], ds, ckpt)
+    keep_index(ds, index, cfg.dataset.storage)
     summary = PredictSummary(output=cfg.output, checkpoint=ckpt, total=len(ds.ids))
     log(f"[wsss predict] {ds.uri} split {cfg.dataset.split}: {len(ds.ids)} images with {ckpt} -> {cfg.output}")
     info = {"config": cfg.model_dump(mode="json", exclude={"dataset": {"storage"}}), "checkpoint": ckpt,
@@ -140,7 +142,7 @@ def run_predict(cfg: PredictConfig, log=print) -> PredictSummary:
             summary.run_id, summary.run_url = run.run_id, run.url
             info["mlflow_run_url"] = run.url
         storage.write_text(storage.join(cfg.output, "run.json"), json.dumps(info, indent=2), cfg.dataset.storage)
-        table = _manifest(cfg, ds, _predict(cfg, list(ds.ids), ckpt, summary), summary)
+        table = _manifest(cfg, ds, _predict(cfg, ds, ckpt, summary), summary)
         if run is not None:
             _track(cfg, ds, summary, table, run)
     for image_id, err in summary.failures[:10]:

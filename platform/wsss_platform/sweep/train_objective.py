@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from wsss_platform import storage
+from wsss_platform import outputs, storage
 from wsss_platform.config import ConfigError, build_config
 from wsss_platform.ray_utils import state_api_error
 from wsss_platform.sweep.config import Dim, SweepConfig, apply_params
@@ -56,7 +56,7 @@ def train_trial(params: dict[str, Any], train: dict[str, Any], output: str, chun
     import ray.tune
 
     cfg = trial_config(train, params, storage.join(output, "trials", ray.tune.get_context().get_trial_id()), chunks)
-    job.plan(cfg).trainer(callbacks=[ObjectiveReport(cfg.train.iterations)]).fit()
+    job.plan(cfg, storage.join(output, outputs.INDEX)).trainer(callbacks=[ObjectiveReport(cfg.train.iterations)]).fit()
 
 
 FEATURE_KEYS = ("model.backbone", "model.pretrained", "model.output_stride", "model.freeze_backbone",
@@ -102,14 +102,15 @@ class TrainObjective:
                 f"(`ray start --head --include-dashboard true`; KubeRay does by default), or leave ray_address unset "
                 f"to let wsss start a local Ray; with several Ray instances on one machine, set RAY_ADDRESS for the "
                 f"cluster's processes. ({why.splitlines()[0][:300]})")
-        p = job.plan(self.train)  # labels, val split and model paths checked once, here
+        p = job.plan(self.train, storage.join(self.out, outputs.INDEX))  # labels, val split, model paths checked once
+        p.keep_indexes()  # the splits parsed once, here: every trial reads their index
         job.check_cpus(p.cfg, self.cfg.tune.max_concurrent_trials, TRIAL_CPUS)
         self.train = p.cfg  # absolute paths: the trials run in folders of their own
         if p.cfg.model.freeze_backbone and not p.cfg.train.feature_cache:  # one feature cache for every trial
             self.train = p.cfg.model_copy(update={"train": p.cfg.train.model_copy(
                 update={"feature_cache": storage.join(self.out, "cache", "features")})})
         # the trials' shared inputs, made once (a frozen backbone's features)
-        type(p.recipe)(self.train).prepare(p.ds.ids, p.payload, p.loop_config["class_names"], self.gpus > 0, log)
+        type(p.recipe)(self.train).prepare(p.ds, p.ds.ids, p.loop_config["class_names"], self.gpus > 0, log)
         val_ids = p.loop_config["val_ids"]
         log(f"[wsss sweep] {p.ds.uri} split {p.cfg.dataset.split}: training {p.cfg.train.iterations} iterations a "
             f"trial on {len(p.ds.ids)} images, scored on {len(val_ids)} val images at {self.cfg.tune.report_chunks} "

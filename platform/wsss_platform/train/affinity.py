@@ -27,11 +27,12 @@ from wsss_core.refine.affinity_labels import confident_regions, pair_labels_in_r
 from wsss_core.refine.random_walk import RandomWalk
 from wsss_core.types import CamOutput
 from wsss_platform import outputs, storage
-from wsss_platform.datasets import DatasetConfig, open_dataset
+from wsss_platform.datasets import RecordReader
 from wsss_platform.datasets.base import DatasetError, Row
 from wsss_platform.preview import colour, heatmap
 from wsss_platform.storage import StorageOptions
 from wsss_platform.train.config import AffinityConfig, TrainBase
+from wsss_platform.train.data import rows_of
 from wsss_platform.train.evaluate import unwrap
 from wsss_platform.train.recipes import Panel, Recipe
 
@@ -51,10 +52,9 @@ def cam_output(cams_root: str, image_id: str, options: StorageOptions | None) ->
 class CamRegionLoader:
     """Ray Data callable: image ids -> augmented crops and their confident regions (uint8, 255 ignored)."""
 
-    def __init__(self, dataset: dict[str, Any], train: dict[str, Any]) -> None:
-        cfg = DatasetConfig.model_validate(dataset)
-        self.ds, self.opts, self.train = open_dataset(cfg), cfg.storage, train
-        self.num_classes = len(self.ds.classes.names)
+    def __init__(self, reader: dict[str, Any], train: dict[str, Any], num_classes: int) -> None:
+        self.reader, self.train, self.num_classes = RecordReader(reader), train, num_classes
+        self.opts = self.reader.options
         self.rng = np.random.default_rng()
 
     def regions(self, image_id: str, image: np.ndarray) -> np.ndarray:
@@ -66,8 +66,8 @@ class CamRegionLoader:
         region = confident_regions(full, labels, t["alpha_low"], t["alpha_high"], image[None] if t["crf"] else None)
         return region[0].numpy().astype(np.uint8)
 
-    def sample(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        row = self.ds.load(image_id)
+    def sample(self, image_id: str, record: bytes) -> tuple[np.ndarray, np.ndarray]:
+        row = self.reader.load(record)
         region = self.regions(image_id, row.image)
         t = self.train
         image, region, _ = random_scale_crop_flip(row.image, region, np.zeros_like(region), t["crop_size"],
@@ -75,7 +75,7 @@ class CamRegionLoader:
         return image, region  # the crop's padding is 255: no pair there
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, regions = zip(*(self.sample(str(i)) for i in batch["image_id"]), strict=True)
+        images, regions = zip(*(self.sample(i, r) for i, r in rows_of(batch)), strict=True)
         return {"image": np.stack(images), "region": np.stack(regions)}
 
 
@@ -96,7 +96,7 @@ class AffinityRecipe(Recipe):
     def absolute_train(self) -> dict[str, Any]:
         return {"cams": storage.absolute(self.cfg.train.cams) if self.cfg.train.cams else ""}
 
-    def check(self, ids: list[str], names: list[str]) -> None:
+    def check(self, ids: list[str], names: list[str], val_ids: list[str]) -> None:
         """The CAMs exist for the split trained on and for the split scored, labelled for the dataset's
         classes (named, with the fix)."""
         t, opts = self.cfg.train, self.cfg.dataset.storage
@@ -105,8 +105,7 @@ class AffinityRecipe(Recipe):
                              "CAMs AffinityNet learns from (any cam_source, cache: cams or full)")
         splits = [("dataset.split", self.cfg.dataset.split, ids)]
         if t.val_split:
-            val = open_dataset(self.cfg.dataset.model_copy(update={"split": t.val_split}))
-            splits.append(("train.val_split", t.val_split, val.ids[: t.eval_images]))
+            splits.append(("train.val_split", t.val_split, val_ids[: t.eval_images]))
         have = set(storage.list_names(storage.join(t.cams, "cams"), opts))
         for key, split, split_ids in splits:
             missing = [i for i in split_ids if f"{i}.npz" not in have]

@@ -11,8 +11,9 @@ import ray
 
 from wsss_core.augment import random_scale_crop_flip
 from wsss_platform import outputs, storage
-from wsss_platform.datasets import DatasetConfig, open_dataset
+from wsss_platform.datasets import RecordReader
 from wsss_platform.datasets.base import DatasetError, decode_mask
+from wsss_platform.ray_utils import record_items
 from wsss_platform.train.config import TrainBase, TrainConfig
 
 
@@ -39,37 +40,37 @@ def read_labels(row, pseudo_masks: str | None, options) -> tuple[np.ndarray, np.
             read_label_png(outputs.confidence_uri(pseudo_masks, row.image_id), options))
 
 
-def id_items(ids: list[str]):
-    """The split's ids as a Ray Dataset of ``image_id`` rows, in up to 64 blocks."""
-    return ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, min(len(ids), 64)))
+def rows_of(batch: dict[str, np.ndarray]):
+    """(image id, record) of each row of a batch of ``record_items``."""
+    return zip((str(i) for i in batch["image_id"]), batch["record"], strict=True)
 
 
-def loader_dataset(cfg: TrainBase, ids: list[str], loader: type, **kwargs: Any):
-    """``loader`` (a Ray Data callable of image ids -> samples, built with the ``train`` section and
-    ``kwargs``) over the ids, in an actor pool of up to ``compute.loader_actors`` actors of ``loader_cpus``."""
-    return id_items(ids).map_batches(
+def loader_dataset(cfg: TrainBase, ds, ids: list[str], loader: type, **kwargs: Any):
+    """``loader`` (a Ray Data callable of (image id, record) rows -> samples, built with the ``train``
+    section and ``kwargs``) over ``ids`` of the split ``ds``, in an actor pool of up to
+    ``compute.loader_actors`` actors of ``loader_cpus``."""
+    return record_items(ds, ids).map_batches(
         loader, batch_size=8, num_cpus=cfg.compute.loader_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors),
         fn_constructor_kwargs={"train": cfg.train.model_dump(mode="json"), **kwargs})
 
 
 class SampleLoader:
-    """Ray Data callable: image ids -> augmented (image, mask, confidence) crops."""
+    """Ray Data callable: image rows -> augmented (image, mask, confidence) crops."""
 
-    def __init__(self, dataset: dict[str, Any], train: dict[str, Any], pseudo_masks: str | None) -> None:
-        cfg = DatasetConfig.model_validate(dataset)
-        self.ds, self.opts = open_dataset(cfg), cfg.storage
-        self.train, self.pseudo = train, pseudo_masks
+    def __init__(self, reader: dict[str, Any], train: dict[str, Any], pseudo_masks: str | None) -> None:
+        self.reader = RecordReader(reader)
+        self.opts, self.train, self.pseudo = self.reader.options, train, pseudo_masks
         self.rng = np.random.default_rng()  # a new view every epoch: Ray Data reruns the map each pass
 
-    def sample(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        row = self.ds.load(image_id)
+    def sample(self, image_id: str, record: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        row = self.reader.load(record)
         mask, conf = read_labels(row, self.pseudo, self.opts)
         t = self.train
         return random_scale_crop_flip(row.image, mask, conf, t["crop_size"], tuple(t["scale_range"]), self.rng, t["flip"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, masks, confs = zip(*(self.sample(str(i)) for i in batch["image_id"]), strict=True)
+        images, masks, confs = zip(*(self.sample(i, r) for i, r in rows_of(batch)), strict=True)
         return {"image": np.stack(images), "mask": np.stack(masks), "confidence": np.stack(confs)}
 
 

@@ -30,11 +30,12 @@ from PIL import Image
 from wsss_core.models.networks import create_network
 from wsss_platform import storage
 from wsss_platform.checkpoint import resolve_weights
-from wsss_platform.datasets import DatasetConfig, open_dataset
+from wsss_platform.datasets import RecordReader
 from wsss_platform.ownership import fingerprint
+from wsss_platform.ray_utils import record_items
 from wsss_platform.storage import StorageOptions
 from wsss_platform.train.config import TrainConfig
-from wsss_platform.train.data import id_items, read_labels
+from wsss_platform.train.data import read_labels, rows_of
 
 IGNORE = 255
 
@@ -95,10 +96,10 @@ def build_segmenter(cfg: TrainConfig, class_names: list[str], weights: Any) -> t
 class FeatureWriter:
     """Ray Data callable: image ids -> their cached features written (or found); rows say which."""
 
-    def __init__(self, cfg: dict[str, Any], class_names: list[str], uri: str) -> None:
+    def __init__(self, cfg: dict[str, Any], class_names: list[str], uri: str, reader: dict[str, Any]) -> None:
         self.cfg = TrainConfig.model_validate(cfg)
         opts = self.cfg.dataset.storage
-        self.ds, self.opts, self.uri = open_dataset(self.cfg.dataset), opts, uri
+        self.reader, self.opts, self.uri = RecordReader(reader), opts, uri
         self.net = build_segmenter(self.cfg, class_names, resolve_weights(self.cfg.model.pretrained, opts)).eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.net.to(self.device)
@@ -111,8 +112,8 @@ class FeatureWriter:
         except Exception:  # a damaged entry is computed again
             return False
 
-    def one(self, image_id: str) -> bool:
-        row = self.ds.load(image_id)
+    def one(self, image_id: str, record: bytes) -> bool:
+        row = self.reader.load(record)
         path, digest = storage.join(self.uri, f"{image_id}.npz"), image_digest(row.image)
         if self._cached(path, digest):
             return False
@@ -127,19 +128,20 @@ class FeatureWriter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            computed = [self.one(str(i)) for i in batch["image_id"]]
+            computed = [self.one(i, r) for i, r in rows_of(batch)]
         return {"image_id": batch["image_id"], "computed": np.array(computed)}
 
 
-def ensure_features(cfg: TrainConfig, ids: list[str], payload: dict[str, Any], class_names: list[str],
+def ensure_features(cfg: TrainConfig, ds, ids: list[str], class_names: list[str],
                     use_gpu: bool) -> tuple[str, int]:
     """Every image's features in the cache: (its URI, how many were computed now; the rest reused)."""
     uri = cache_uri(cfg)
-    train_cfg = cfg.model_dump(mode="json") | {"dataset": payload}
-    rows = id_items(ids).map_batches(FeatureWriter, batch_size=8, num_gpus=1 if use_gpu else 0,
+    train_cfg = cfg.model_dump(mode="json") | {"dataset": cfg.dataset.worker_payload()}
+    rows = record_items(ds, ids).map_batches(FeatureWriter, batch_size=8, num_gpus=1 if use_gpu else 0,
                              num_cpus=cfg.compute.cpus_per_worker,
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.num_workers),
-                             fn_constructor_kwargs={"cfg": train_cfg, "class_names": list(class_names), "uri": uri})
+                             fn_constructor_kwargs={"cfg": train_cfg, "class_names": list(class_names), "uri": uri,
+                                                    "reader": ds.reader_payload()})
     computed = sum(int(r["computed"]) for r in rows.iter_rows())
     return uri, computed
 
@@ -177,27 +179,27 @@ def crop_cells(feats: np.ndarray, labels: list[np.ndarray], cells: int, stride: 
 class FeatureSampleLoader:
     """Ray Data callable: image ids -> (cached features, mask, confidence) crops of the grid."""
 
-    def __init__(self, dataset: dict[str, Any], train: dict[str, Any], pseudo_masks: str | None, uri: str) -> None:
-        ds_cfg = DatasetConfig.model_validate(dataset)
-        self.ds, self.opts = open_dataset(ds_cfg), ds_cfg.storage
+    def __init__(self, reader: dict[str, Any], train: dict[str, Any], pseudo_masks: str | None, uri: str) -> None:
+        self.reader = RecordReader(reader)
+        self.opts = self.reader.options
         self.train, self.pseudo, self.uri = train, pseudo_masks, uri
         self.rng = np.random.default_rng()
 
-    def _labels(self, image_id: str, size: tuple[int, int]) -> list[np.ndarray]:
-        labels = list(read_labels(self.ds.load(image_id), self.pseudo, self.opts))
+    def _labels(self, record: bytes, size: tuple[int, int]) -> list[np.ndarray]:
+        labels = list(read_labels(self.reader.load(record), self.pseudo, self.opts))
         if labels[0].shape != tuple(size):  # nearest: labels are classes, confidences are read per pixel
             labels = [np.asarray(Image.fromarray(lab).resize(size[::-1], Image.NEAREST)) for lab in labels]
         return labels
 
-    def sample(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sample(self, image_id: str, record: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         entry = np.load(io.BytesIO(storage.read_bytes(storage.join(self.uri, f"{image_id}.npz"), self.opts)))
         t, stride = self.train, int(entry["stride"])
-        feats, (mask, conf) = crop_cells(entry["features"], self._labels(image_id, tuple(entry["size"])),
+        feats, (mask, conf) = crop_cells(entry["features"], self._labels(record, tuple(entry["size"])),
                                          max(1, t["crop_size"] // stride), stride, t["label_pitch"], self.rng, t["flip"])
         return feats, mask, conf
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feats, masks, confs = zip(*(self.sample(str(i)) for i in batch["image_id"]), strict=True)
+        feats, masks, confs = zip(*(self.sample(i, r) for i, r in rows_of(batch)), strict=True)
         return {"features": np.stack(feats), "mask": np.stack(masks), "confidence": np.stack(confs)}
 
 

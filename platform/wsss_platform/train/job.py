@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from wsss_platform import storage
+from wsss_platform import outputs, storage
 from wsss_platform.config import ConfigError, flatten
 from wsss_platform.console import quiet_ray, verbose
-from wsss_platform.datasets import open_dataset
+from wsss_platform.datasets import Dataset, keep_index, open_indexed
 from wsss_platform.ownership import OutputLock, fingerprint, refuse_changed
 from wsss_platform.ray_utils import (
     check_credentials_reach_workers,
@@ -58,16 +58,16 @@ class TrainSummary:
         return s + f"; checkpoint {self.checkpoint}"
 
 
-def _val(cfg: TrainBase) -> tuple[dict[str, Any] | None, list[str]]:
-    """The val split's dataset payload and ids, when it has ground truth."""
+def _val(cfg: TrainBase, folder: str) -> tuple[Dataset | None, str | None]:
+    """The val split and its index's URI (what each worker reads its slice of), when it has ground truth."""
     if not cfg.train.val_split:
-        return None, []
+        return None, None
     val_cfg = cfg.dataset.model_copy(update={"split": cfg.train.val_split})
-    ds = open_dataset(val_cfg)
+    ds, uri = open_indexed(val_cfg, folder)
     if not ds.has_masks():
         raise ConfigError(f"train.val_split: {ds.uri} split {cfg.train.val_split} has no ground-truth masks; "
                           "choose a split with SegmentationClass masks, or val_split: null")
-    return val_cfg.worker_payload(), list(ds.ids)
+    return ds, uri
 
 
 RESUMABLE_KEYS = ("iterations", "checkpoint_every", "eval_every", "eval_scales", "eval_flip", "feature_cache")
@@ -238,28 +238,38 @@ class Plan:
     ds: Any
     loop_config: dict[str, Any]
     payload: dict[str, Any]
+    indexes: list[tuple[Any, str]]
+    """(split, URI) of the train and val splits' indexes: written by ``keep_indexes`` once the run goes ahead."""
 
     @property
     def cfg(self) -> TrainBase:
         return self.recipe.cfg
 
+    def keep_indexes(self) -> None:
+        for split, uri in self.indexes:
+            keep_index(split, uri, self.cfg.dataset.storage)
+
     def trainer(self, callbacks: list | None = None):
-        return _trainer(self.recipe, self.loop_config, self.recipe.dataset(self.ds.ids, self.payload), callbacks)
+        return _trainer(self.recipe, self.loop_config, self.recipe.dataset(self.ds, self.ds.ids), callbacks)
 
 
-def plan(cfg: TrainBase) -> Plan:
-    """Paths made absolute, the split opened, the labels and the val split checked (no Ray needed)."""
+def plan(cfg: TrainBase, index_folder: str | None = None) -> Plan:
+    """Paths made absolute, the split opened, the labels and the val split checked (no Ray needed).
+    The splits' indexes are read from (or go to) ``index_folder``, by default ``<output>/index``
+    (a sweep's trials share the sweep's)."""
     recipe = recipe_for(absolute_paths(recipe_for(cfg)))
     cfg = recipe.cfg
-    ds = open_dataset(cfg.dataset)
-    recipe.check(ds.ids, list(ds.classes.names))
-    val_payload, val_ids = _val(cfg)
+    folder = index_folder or storage.join(cfg.output, outputs.INDEX)
+    ds, index = open_indexed(cfg.dataset, folder)
+    val, val_index = _val(cfg, folder)
+    val_ids = list(val.ids) if val is not None else []
+    recipe.check(ds.ids, list(ds.classes.names), val_ids)
     payload = cfg.dataset.worker_payload()
     names = ["background", *ds.classes.names]
     loop_config = {"recipe": type(cfg).recipe, "cfg": cfg.model_dump(mode="json") | {"dataset": payload},
-                   "class_names": names, "val_dataset": val_payload, "val_ids": val_ids,
+                   "class_names": names, "val_index": val_index, "val_ids": val_ids,
                    "verbose": verbose()}
-    return Plan(recipe, ds, loop_config, payload)
+    return Plan(recipe, ds, loop_config, payload, [(ds, index)] + ([(val, val_index)] if val is not None else []))
 
 
 def run_train(cfg: TrainBase, log=print) -> TrainSummary:
@@ -276,7 +286,9 @@ def run_train(cfg: TrainBase, log=print) -> TrainSummary:
     quiet_ray()
     check_cpus(p.cfg)
     with OutputLock(p.cfg.output, cfg.dataset.storage, "wsss train"):
-        _fit(p, claim(p.cfg, log), summary, log)
+        state = claim(p.cfg, log)
+        p.keep_indexes()  # a refused run (other settings, a busy output) wrote nothing
+        _fit(p, state, summary, log)
     summary.seconds = time.perf_counter() - t0
     log(f"[wsss train] {summary.line()}")
     return summary
@@ -333,7 +345,7 @@ def _fit(p: Plan, state: dict[str, Any], summary: TrainSummary, log) -> None:
         record = {"config": loop_config["cfg"], "mlflow_run_id": summary.run_id, "code": code_version()}
         storage.write_text(storage.join(cfg.output, "train.json"), json.dumps(record, indent=2), cfg.dataset.storage)
         loop_config["progress"] = True  # rank 0's progress lines (a sweep's trials show none)
-        p.recipe.prepare(ds.ids, p.payload, loop_config["class_names"], uses_gpu(cfg), log)
+        p.recipe.prepare(ds, ds.ids, loop_config["class_names"], uses_gpu(cfg), log)
         log(f"[wsss train] starting {cfg.compute.num_workers} worker(s) and the data loader; the first iteration "
             "waits for its first batch")
         result = fit(p.trainer())

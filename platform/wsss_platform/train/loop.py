@@ -30,9 +30,9 @@ from wsss_platform.checkpoint import decode as decode_checkpoint
 from wsss_platform.checkpoint import resolve_weights
 from wsss_platform.config import ConfigError
 from wsss_platform.console import Progress
-from wsss_platform.datasets import DatasetConfig, open_dataset
+from wsss_platform.datasets import read_index
 from wsss_platform.train.config import TrainBase
-from wsss_platform.train.evaluate import unwrap
+from wsss_platform.train.evaluate import my_slice, unwrap
 from wsss_platform.train.recipes import Recipe, recipe_class
 
 
@@ -165,8 +165,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log, amp, t = StepLog(config.get("mlflow") if rank0 else None), _amp_dtype(cfg, device), cfg.train
     spec = recipe.spec(unwrap(model))
     shard = ray.train.get_dataset_shard("train")
-    # the val split's index once per worker (a COCO index parses its annotation file)
-    val_ds = open_dataset(DatasetConfig.model_validate(config["val_dataset"])) if config["val_ids"] else None
+    # this worker's slice of the val split's index: no worker holds (or parses) the whole split
+    val_ds = read_index(config["val_index"], cfg.dataset.storage, ids=my_slice(recipe.val_ids(config)),
+                        max_pixels=cfg.dataset.max_image_pixels) if config["val_ids"] else None
     progress = Progress("[wsss train]", t.iterations, "iterations", stream=sys.stdout, start=it,
                         images_per_unit=t.batch_size * ray.train.get_context().get_world_size())
     val = ""  # the last val score, shown on every progress line after it

@@ -21,7 +21,7 @@ import torch
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.models.networks import create_network
 from wsss_platform.checkpoint import load_network
-from wsss_platform.datasets.base import Row
+from wsss_platform.datasets.base import Dataset, Row
 from wsss_platform.preview import panels
 from wsss_platform.storage import StorageOptions
 from wsss_platform.train.config import TrainBase
@@ -68,22 +68,24 @@ class Recipe:
         """``train`` section values made absolute for the workers (local paths)."""
         return {}
 
-    def check(self, ids: list[str], names: list[str]) -> None:
-        """The inputs training reads exist and were made for the dataset's class ``names`` (errors name the
-        file and the fix); by default nothing beyond the split itself."""
+    def check(self, ids: list[str], names: list[str], val_ids: list[str]) -> None:
+        """The inputs training reads exist (for the split's ``ids``, and the val split's) and were made
+        for the dataset's class ``names`` (errors name the file and the fix); by default nothing
+        beyond the split itself."""
 
-    def prepare(self, ids: list[str], payload: dict[str, Any], class_names: list[str], use_gpu: bool,
+    def prepare(self, ds: Dataset, ids: list[str], class_names: list[str], use_gpu: bool,
                 log: Callable[[str], None]) -> None:
         """Once Ray runs and before the workers start (the segmenter's frozen features); by default nothing."""
 
     # data
-    def loader_kwargs(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """The loader's constructor arguments besides the ``train`` section."""
-        return {"dataset": payload}
+    def loader_kwargs(self, ds: Dataset) -> dict[str, Any]:
+        """The loader's constructor arguments besides the ``train`` section (``ds``: the split parsed
+        on the driver; its rows carry their records, the loader gets the reader)."""
+        return {"reader": ds.reader_payload(), "num_classes": len(ds.classes.names)}
 
-    def dataset(self, ids: list[str], payload: dict[str, Any]):
+    def dataset(self, ds: Dataset, ids: list[str]):
         """The Ray Dataset of augmented training samples."""
-        return loader_dataset(self.cfg, ids, self.loader, **self.loader_kwargs(payload))
+        return loader_dataset(self.cfg, ds, ids, self.loader, **self.loader_kwargs(ds))
 
     # the network
     def network_spec(self, class_names: list[str]) -> dict[str, Any]:

@@ -51,28 +51,27 @@ class SegmenterRecipe(Recipe):
         pseudo = self.cfg.train.pseudo_masks
         return {"pseudo_masks": pseudo if data.uses_ground_truth(self.cfg) else storage.absolute(pseudo)}
 
-    def check(self, ids: list[str], names: list[str]) -> None:
+    def check(self, ids: list[str], names: list[str], val_ids: list[str]) -> None:
         data.check_pseudo_masks(self.cfg, ids, names)
 
-    def prepare(self, ids: list[str], payload: dict[str, Any], class_names: list[str], use_gpu: bool,
-                log: Callable[[str], None]) -> None:
+    def prepare(self, ds, ids: list[str], class_names: list[str], use_gpu: bool, log: Callable[[str], None]) -> None:
         """A frozen backbone's features computed once per image (or found in the cache)."""
         if not self.frozen:
             return
         log(f"[wsss train] computing the frozen backbone's features of {len(ids)} images (cached: reused when "
             "the backbone, its weights, the scale and the image are the same)")
-        uri, computed = features.ensure_features(self.cfg, ids, payload, class_names, use_gpu)
+        uri, computed = features.ensure_features(self.cfg, ds, ids, class_names, use_gpu)
         log(f"[wsss train] features: {computed} computed, {len(ids) - computed} reused ({uri})")
 
-    def loader_kwargs(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def loader_kwargs(self, ds) -> dict[str, Any]:
         pseudo = None if data.uses_ground_truth(self.cfg) else self.cfg.train.pseudo_masks
-        return {"dataset": payload, "pseudo_masks": pseudo}
+        return {"reader": ds.reader_payload(), "pseudo_masks": pseudo}
 
-    def dataset(self, ids: list[str], payload: dict[str, Any]):
+    def dataset(self, ds, ids: list[str]):
         if not self.frozen:
-            return super().dataset(ids, payload)
+            return super().dataset(ds, ids)
         # crops of the feature grid `prepare` cached
-        return data.loader_dataset(self.cfg, ids, FeatureSampleLoader, **self.loader_kwargs(payload),
+        return data.loader_dataset(self.cfg, ds, ids, FeatureSampleLoader, **self.loader_kwargs(ds),
                                    uri=features.cache_uri(self.cfg))
 
     def network_spec(self, class_names: list[str]) -> dict[str, Any]:

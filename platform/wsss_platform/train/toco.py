@@ -20,10 +20,11 @@ from wsss_core.augment import color_jitter, random_resized_crop, random_scale_cr
 from wsss_core.losses.toco import ToCoObjective, ToCoTraining
 from wsss_core.pipeline import LabelingPipeline, PseudoMasker
 from wsss_core.registry import CAM_SOURCES
-from wsss_platform.datasets import DatasetConfig, open_dataset
+from wsss_platform.datasets import RecordReader
 from wsss_platform.datasets.base import Row
 from wsss_platform.preview import colour, heatmap
 from wsss_platform.train.config import ToCoConfig, TrainBase
+from wsss_platform.train.data import rows_of
 from wsss_platform.train.evaluate import unwrap
 from wsss_platform.train.recipes import Panel, Recipe
 
@@ -34,16 +35,15 @@ OUTPUTS = {"cam": "toco", "seg": "toco_seg"}
 class ImageLabelLoader:
     """Ray Data callable: image ids -> augmented crops, multi-hot labels and the valid-pixel mask."""
 
-    def __init__(self, dataset: dict[str, Any], train: dict[str, Any]) -> None:
-        self.ds = open_dataset(DatasetConfig.model_validate(dataset))
-        self.num_classes = len(self.ds.classes.names)
+    def __init__(self, reader: dict[str, Any], train: dict[str, Any], num_classes: int) -> None:
+        self.reader, self.num_classes = RecordReader(reader), num_classes
         self.train, self.rng = train, np.random.default_rng()
 
     def jitter(self, image: np.ndarray) -> np.ndarray:
         return color_jitter(image, self.rng) if self.train["color_jitter"] else image
 
-    def sample(self, image_id: str) -> dict[str, np.ndarray]:
-        row = self.ds.load(image_id)
+    def sample(self, image_id: str, record: bytes) -> dict[str, np.ndarray]:
+        row = self.reader.load(record)
         labels = np.zeros(self.num_classes, np.float32)
         labels[[c - 1 for c in row.labels]] = 1
         blank = np.zeros(row.image.shape[:2], np.uint8)  # the crop pads its mask with 255: that is the padding
@@ -58,7 +58,7 @@ class ImageLabelLoader:
                 "view": self.jitter(np.ascontiguousarray(view)), "local": self.jitter(crop)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        samples = [self.sample(str(i)) for i in batch["image_id"]]
+        samples = [self.sample(i, r) for i, r in rows_of(batch)]
         return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 
 

@@ -187,8 +187,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(recipe, where, labelle
     names = storage.list_names(storage.join(out, "train"))
     assert sum(n.startswith("checkpoint_2") for n in names) == 2  # num_to_keep, all of one run
     assert summary.checkpoint and storage.exists(storage.join(summary.checkpoint, "checkpoint.pt"))
-    # a frozen backbone's features are cached beside
-    assert [n for n in storage.list_names(out) if n not in ("train", "features")] == ["train.json"]
+    # a frozen backbone's features are cached beside, and the split's index
+    assert [n for n in storage.list_names(out) if n not in ("train", "features", "index")] == ["train.json"]
 
 
 TWO_NODE_RECIPES = ["segmenter", "segmenter-frozen", "toco", "affinity"]

@@ -202,7 +202,9 @@ def two_node_runs(tmp_path_factory):
     from pathlib import Path
 
     root = tmp_path_factory.mktemp("two-nodes")
-    write_demo_dataset(str(root / "voc"), "voc", 16, seed=5)
+    # 64 images: 16 steps are 2 epochs of 4-image batches; each epoch runs the loading pipeline anew
+    # (~7 s to start on 2 cores), so 16 images (8 epochs) took 3x as long
+    write_demo_dataset(str(root / "voc"), "voc", 64, seed=5)
     script = Path(__file__).with_name("two_node_train.py")
     proc = subprocess.run([sys.executable, str(script), str(root / "voc"), str(root), *TWO_NODE_RECIPES],
                           capture_output=True, text=True, timeout=1200)

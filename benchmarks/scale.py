@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from wsss_platform.datasets import COCODataset, DatasetConfig, open_indexed
+from wsss_platform.datasets import COCODataset, DatasetConfig, keep_index, open_indexed
 
 
 def write_instances(path: str, images: int, seed: int = 0) -> int:
@@ -94,6 +94,7 @@ def measure(workdir: str, images: int) -> dict[str, float]:
     shutil.rmtree(os.path.join(workdir, "index"), ignore_errors=True)
     t0 = time.perf_counter()
     ds, uri = open_indexed(cfg, os.path.join(workdir, "index"))
+    keep_index(ds, uri)  # as the jobs do: the index is written once the parse is known to be wanted
     index = time.perf_counter() - t0
     ids = ds.ids[:64]
     batch = {"image_id": np.array(ids, dtype=object), "record": np.array(ds.records(ids), dtype=object)}

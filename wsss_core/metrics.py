@@ -12,7 +12,10 @@ import torch
 
 
 def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    if isinstance(x, torch.Tensor):
+        return x
+    a = np.asarray(x)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())  # a decoded PNG is read-only
 
 
 class ConfusionMatrix:

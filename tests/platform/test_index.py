@@ -124,3 +124,40 @@ def test_ids_without_an_xml_take_their_labels_from_the_labels_file(tmp_path):
     (tmp_path / "bad.txt").write_text(f"{gone[0]} unicorn\n")
     with pytest.raises(Exception, match=r"bad.txt line 1: .*unicorn"):
         open_dataset(cfg.model_copy(update={"labels_file": str(tmp_path / "bad.txt")}))
+
+
+@pytest.mark.slow
+def test_voc_train_aug_trains_on_its_ground_truth_and_is_scored_against_it(tmp_path, ray_local):
+    """The ground-truth upper bound on ``train_aug``: without ``masks_dir: SegmentationClassAug`` the
+    training is refused before it starts (its ids have no ``SegmentationClass`` mask); with it, the
+    head trains, and `wsss predict` of the trained network scores the val masks it writes against
+    ``SegmentationClassAug`` exactly."""
+    from wsss_platform.predict.config import PredictConfig
+    from wsss_platform.predict.job import run_predict
+    from wsss_platform.train.config import TrainConfig
+    from wsss_platform.train.job import run_train
+
+    from .test_train import TINY_TRAIN
+
+    root = str(tmp_path / "voc")
+    splits = write_demo_dataset(root, "voc", 12, seed=8, voc_aug=True)
+    args = [f"dataset.uri={root}", "dataset.split=train_aug", "train.pseudo_masks=none", *TINY_TRAIN,
+            "model.freeze_backbone=true", "model.head=conv", "compute.num_workers=1", "train.iterations=3",
+            "tracking.enabled=false"]
+    with pytest.raises(ValueError, match=rf"{len(splits['train_aug'])} of {len(splits['train_aug'])} images of "
+                                         r"split train_aug have no mask in .*SegmentationClass \(.*SegmentationClassAug"):
+        run_train(build_config(TrainConfig, {}, [*args, f"output={tmp_path / 'refused'}"]))
+    assert not os.path.exists(tmp_path / "refused" / "train")
+
+    trained = run_train(build_config(TrainConfig, {}, [*args, f"output={tmp_path / 'seg'}",
+                                                       "dataset.masks_dir=SegmentationClassAug"]), log=lambda s: None)
+    assert trained.iterations == 3 and trained.val_miou is not None
+    out = str(tmp_path / "pred")
+    predicted = run_predict(build_config(PredictConfig, {}, [
+        f"checkpoint={trained.checkpoint}", f"dataset.uri={root}", "dataset.split=val",
+        "dataset.masks_dir=SegmentationClassAug", f"output={out}", "tracking.enabled=false"]))
+    cm = ConfusionMatrix(11)
+    for image_id in splits["val"]:
+        cm.update(_png(storage.join(out, "masks", f"{image_id}.png")),
+                  _png(os.path.join(root, "SegmentationClassAug", f"{image_id}.png")))
+    assert predicted.done == len(splits["val"]) and predicted.miou == pytest.approx(cm.miou(), abs=1e-9)

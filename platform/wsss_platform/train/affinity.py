@@ -96,14 +96,14 @@ class AffinityRecipe(Recipe):
     def absolute_train(self) -> dict[str, Any]:
         return {"cams": storage.absolute(self.cfg.train.cams) if self.cfg.train.cams else ""}
 
-    def check(self, ids: list[str], names: list[str], val_ids: list[str]) -> None:
+    def check(self, ds, val_ids: list[str]) -> None:
         """The CAMs exist for the split trained on and for the split scored, labelled for the dataset's
         classes (named, with the fix)."""
         t, opts = self.cfg.train, self.cfg.dataset.storage
         if not t.cams:
             raise ValueError("train.cams: give a `wsss label` output of this split (--cams URI); its cams/ hold the "
                              "CAMs AffinityNet learns from (any cam_source, cache: cams or full)")
-        splits = [("dataset.split", self.cfg.dataset.split, ids)]
+        splits = [("dataset.split", self.cfg.dataset.split, ds.ids)]
         if t.val_split:
             splits.append(("train.val_split", t.val_split, val_ids[: t.eval_images]))
         have = set(storage.list_names(storage.join(t.cams, "cams"), opts))
@@ -114,7 +114,7 @@ class AffinityRecipe(Recipe):
                                  f"{len(missing)} of {len(split_ids)} images): label that split with cache: cams (or "
                                  f"full) into {t.cams}" + (", or set val_split to the labeled split (null: no scoring)"
                                                            if key == "train.val_split" else ""))
-        outputs.check_classes(t.cams, names, "train.cams", opts)
+        outputs.check_classes(t.cams, list(ds.classes.names), "train.cams", opts)
 
     def network_spec(self, class_names: list[str]) -> dict[str, Any]:
         m = self.cfg.model

@@ -101,9 +101,9 @@ class TrainCompute(Section):
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     loader_cpus: float = Field(0.5, gt=0)
-    """CPUs of each Ray Data actor that reads and augments the crops (beside the workers' CPUs)."""
-    loader_actors: int = Field(1, ge=1)
-    """At most this many loader actors (Ray Data scales the pool from 1 while the workers wait on data)."""
+    """CPUs of each Ray Data task that reads and augments the crops (beside the workers' CPUs)."""
+    loader_tasks: int = Field(1, ge=1)
+    """At most this many loader tasks at once."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement of the workers: PACK fills a node first; STRICT_SPREAD puts each on its own node."""
     torch_threads: int | None = Field(None, ge=1)

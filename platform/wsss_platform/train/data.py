@@ -13,6 +13,7 @@ from wsss_core.augment import random_scale_crop_flip
 from wsss_platform import outputs, storage
 from wsss_platform.datasets import RecordReader
 from wsss_platform.datasets.base import DatasetError, decode_mask
+from wsss_platform.datasets.index import decode_record
 from wsss_platform.ray_utils import record_items
 from wsss_platform.train.config import TrainBase, TrainConfig
 
@@ -45,14 +46,22 @@ def rows_of(batch: dict[str, np.ndarray]):
     return zip((str(i) for i in batch["image_id"]), batch["record"], strict=True)
 
 
+def load_batch(batch: dict[str, np.ndarray], loader: type, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One Ray Data task: ``loader(**kwargs)`` built and applied to ``batch``."""
+    return loader(**kwargs)(batch)
+
+
 def loader_dataset(cfg: TrainBase, ds, ids: list[str], loader: type, **kwargs: Any):
-    """``loader`` (a Ray Data callable of (image id, record) rows -> samples, built with the ``train``
-    section and ``kwargs``) over ``ids`` of the split ``ds``, in an actor pool of up to
-    ``compute.loader_actors`` actors of ``loader_cpus``."""
+    """``loader`` (a callable of (image id, record) rows -> samples, built with the ``train`` section and
+    ``kwargs``) over ``ids`` of the split ``ds``, in up to ``compute.loader_tasks`` Ray Data tasks of
+    ``loader_cpus``."""
+    # Tasks, not an actor pool: every epoch reruns the pipeline, and a new actor pool costs each epoch
+    # seconds of imports per actor, while a loader is built in under a millisecond and tasks run in
+    # Ray's warm workers.
     return record_items(ds, ids).map_batches(
-        loader, batch_size=8, num_cpus=cfg.compute.loader_cpus,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.compute.loader_actors),
-        fn_constructor_kwargs={"train": cfg.train.model_dump(mode="json"), **kwargs})
+        load_batch, batch_size=8, num_cpus=cfg.compute.loader_cpus,
+        compute=ray.data.TaskPoolStrategy(size=cfg.compute.loader_tasks),
+        fn_kwargs={"loader": loader, "kwargs": {"train": cfg.train.model_dump(mode="json"), **kwargs}})
 
 
 class SampleLoader:
@@ -61,7 +70,7 @@ class SampleLoader:
     def __init__(self, reader: dict[str, Any], train: dict[str, Any], pseudo_masks: str | None) -> None:
         self.reader = RecordReader(reader)
         self.opts, self.train, self.pseudo = self.reader.options, train, pseudo_masks
-        self.rng = np.random.default_rng()  # a new view every epoch: Ray Data reruns the map each pass
+        self.rng = np.random.default_rng()  # fresh entropy per batch: a new view every epoch
 
     def sample(self, image_id: str, record: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         row = self.reader.load(record)
@@ -74,11 +83,20 @@ class SampleLoader:
         return {"image": np.stack(images), "mask": np.stack(masks), "confidence": np.stack(confs)}
 
 
+def check_ground_truth(cfg: TrainConfig, ds) -> None:
+    """Fail on the driver when an image of the split ``ds`` has no ground-truth mask to train on (VOC's
+    ``train_aug`` has 1,464 of its 10,582 in ``SegmentationClass/``, all in ``SegmentationClassAug/``)."""
+    missing = [i for i in ds.ids if decode_record(ds.record(i)).get("mask") is False]
+    if missing:
+        raise ValueError(f"train.pseudo_masks: none trains on the ground truth, but {len(missing)} of {len(ds.ids)} "
+                         f"images of split {cfg.dataset.split} have no mask in {storage.join(ds.uri, cfg.dataset.masks_dir)}"
+                         f" (e.g. {missing[0]}.png): set dataset.masks_dir to where they are (train_aug: "
+                         "SegmentationClassAug), or train on a `wsss label` output (--pseudo-masks URI)")
+
+
 def check_pseudo_masks(cfg: TrainConfig, ids: list[str], names: list[str]) -> None:
     """Fail on the driver when the label output lacks what training reads, or was labelled for other
     classes (named, with the fix)."""
-    if uses_ground_truth(cfg):
-        return
     root, opts = cfg.train.pseudo_masks, cfg.dataset.storage
     if not root:
         raise ValueError("train.pseudo_masks: give a `wsss label` output (--pseudo-masks URI), or none to train "

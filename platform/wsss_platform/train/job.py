@@ -66,7 +66,8 @@ def _val(cfg: TrainBase, folder: str) -> tuple[Dataset | None, str | None]:
     ds, uri = open_indexed(val_cfg, folder)
     if not ds.has_masks():
         raise ConfigError(f"train.val_split: {ds.uri} split {cfg.train.val_split} has no ground-truth masks; "
-                          "choose a split with SegmentationClass masks, or val_split: null")
+                          f"choose a split with masks in {cfg.dataset.masks_dir}/, set dataset.masks_dir, or "
+                          "val_split: null")
     return ds, uri
 
 
@@ -76,7 +77,7 @@ RESUMABLE_KEYS = ("iterations", "checkpoint_every", "eval_every", "eval_scales",
 
 def train_settings(config: dict[str, Any]) -> dict[str, Any]:
     """What makes a training the same one: the data, labels, model and schedule, not where or how it runs."""
-    data = {k: config["dataset"].get(k) for k in ("uri", "layout", "split", "labels_from", "limit")}
+    data = {k: config["dataset"].get(k) for k in ("uri", "layout", "split", "masks_dir", "labels_from", "limit")}
     schedule = {k: v for k, v in config["train"].items() if k not in RESUMABLE_KEYS}
     return {"dataset": data, "model": config["model"], "train": schedule}
 
@@ -263,7 +264,7 @@ def plan(cfg: TrainBase, index_folder: str | None = None) -> Plan:
     ds, index = open_indexed(cfg.dataset, folder)
     val, val_index = _val(cfg, folder)
     val_ids = list(val.ids) if val is not None else []
-    recipe.check(ds.ids, list(ds.classes.names), val_ids)
+    recipe.check(ds, val_ids)
     payload = cfg.dataset.worker_payload()
     names = ["background", *ds.classes.names]
     loop_config = {"recipe": type(cfg).recipe, "cfg": cfg.model_dump(mode="json") | {"dataset": payload},

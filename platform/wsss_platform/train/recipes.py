@@ -68,10 +68,10 @@ class Recipe:
         """``train`` section values made absolute for the workers (local paths)."""
         return {}
 
-    def check(self, ids: list[str], names: list[str], val_ids: list[str]) -> None:
-        """The inputs training reads exist (for the split's ``ids``, and the val split's) and were made
-        for the dataset's class ``names`` (errors name the file and the fix); by default nothing
-        beyond the split itself."""
+    def check(self, ds: Dataset, val_ids: list[str]) -> None:
+        """The inputs training reads exist (for the split ``ds``'s ids, and the val split's) and were
+        made for the dataset's classes (errors name the file and the fix); by default nothing beyond
+        the split itself."""
 
     def prepare(self, ds: Dataset, ids: list[str], class_names: list[str], use_gpu: bool,
                 log: Callable[[str], None]) -> None:

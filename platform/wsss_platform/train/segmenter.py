@@ -51,8 +51,11 @@ class SegmenterRecipe(Recipe):
         pseudo = self.cfg.train.pseudo_masks
         return {"pseudo_masks": pseudo if data.uses_ground_truth(self.cfg) else storage.absolute(pseudo)}
 
-    def check(self, ids: list[str], names: list[str], val_ids: list[str]) -> None:
-        data.check_pseudo_masks(self.cfg, ids, names)
+    def check(self, ds, val_ids: list[str]) -> None:
+        if data.uses_ground_truth(self.cfg):
+            data.check_ground_truth(self.cfg, ds)
+        else:
+            data.check_pseudo_masks(self.cfg, ds.ids, list(ds.classes.names))
 
     def prepare(self, ds, ids: list[str], class_names: list[str], use_gpu: bool, log: Callable[[str], None]) -> None:
         """A frozen backbone's features computed once per image (or found in the cache)."""

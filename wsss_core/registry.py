@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from wsss_core.types import aux_kind
 
 F = TypeVar("F", bound=Callable[..., Any])
-BUILTIN_PACKAGES = ("wsss_core.cams", "wsss_core.refine")
+BUILTIN_PACKAGES = ("wsss_core.cams", "wsss_core.refine", "wsss_core.regions")
 
 
 class Registry:
@@ -56,6 +56,7 @@ class Registry:
 
 CAM_SOURCES = Registry("CAM source")
 REFINERS = Registry("refiner")
+PROPOSERS = Registry("region proposer")
 
 
 def _builtins() -> None:
@@ -71,6 +72,11 @@ def create_cam_source(name: str, **kwargs: Any) -> Any:
 def create_refiner(name: str, **kwargs: Any) -> Any:
     """The refiner registered as ``name``, built with ``kwargs``."""
     return REFINERS.get(name)(**kwargs)
+
+
+def create_proposer(name: str, **kwargs: Any) -> Any:
+    """The region proposer registered as ``name`` (:mod:`wsss_core.regions`), built with ``kwargs``."""
+    return PROPOSERS.get(name)(**kwargs)
 
 
 def check_pipeline(source: str, refiners: Sequence[str]) -> None:

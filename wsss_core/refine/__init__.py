@@ -1,5 +1,6 @@
 """Refinements of CAMs, each a registered refiner: CAA (CLIP-ES), the dense CRF and PAR (ToCo); PSA's
-random walk along a learned affinity and the affinity labels it learns from."""
+random walk along a learned affinity and the affinity labels it learns from; the vote of pseudo
+masks into class-agnostic regions (SEPL)."""
 
 from wsss_core.pairs import pair_affinity, radius_offsets
 from wsss_core.refine.affinity_labels import (
@@ -19,6 +20,7 @@ from wsss_core.refine.caa import (
 from wsss_core.refine.crf import CRFUnavailableError, DenseCRF, dense_crf
 from wsss_core.refine.par import PAR, par, par_affinity
 from wsss_core.refine.random_walk import RandomWalk, dense_affinity, random_walk, random_walk_banded
+from wsss_core.refine.regions import RegionMerge, region_merge
 
 __all__ = [
     "CAA",
@@ -26,6 +28,7 @@ __all__ = [
     "CRFUnavailableError",
     "DenseCRF",
     "RandomWalk",
+    "RegionMerge",
     "affinity",
     "affinity_labels",
     "box_mask",
@@ -42,5 +45,6 @@ __all__ = [
     "radius_offsets",
     "random_walk",
     "random_walk_banded",
+    "region_merge",
     "sinkhorn",
 ]

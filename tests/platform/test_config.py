@@ -80,19 +80,26 @@ def test_label_sections_default_to_the_core_defaults():
     import inspect
 
     from wsss_core.pipeline import PseudoMasker
-    from wsss_core.registry import REFINERS
+    from wsss_core.registry import PROPOSERS, REFINERS
     from wsss_platform.label.config import LabelConfig
-    from wsss_platform.label.stages import REFINER_INPUTS
+    from wsss_platform.label.stages import PROPOSER_INPUTS, REFINER_INPUTS
 
     cfg = LabelConfig()
     pairs = [(cfg.mask, PseudoMasker)] + [(getattr(cfg, name), REFINERS.get(name)) for name in REFINERS.names()]
     for section, factory in pairs:
         params = {k: p.default for k, p in inspect.signature(factory).parameters.items()
                   if k not in ("refiners", *REFINER_INPUTS)}
-        # what the platform supplies: the device beside the section; a checkpoint as a URI in it
-        assert {k: v for k, v in section.model_dump().items() if k not in REFINER_INPUTS} == params, factory
+        # what the platform supplies: the device beside the section; a checkpoint as a URI in it; a
+        # proposer as its name, with each proposer's settings in a sub-section of its name
+        assert {k: v for k, v in section.model_dump().items() if k not in REFINER_INPUTS and k not in PROPOSERS} \
+            == params, factory
         supplied = set(inspect.signature(factory).parameters) & set(REFINER_INPUTS)
         assert set(section.model_dump()) & set(REFINER_INPUTS) == supplied - {"device"}, factory
+    for name in PROPOSERS.names():  # each proposer's sub-section: its factory's arguments and defaults
+        params = {k: p.default for k, p in inspect.signature(PROPOSERS.get(name)).parameters.items()
+                  if k not in PROPOSER_INPUTS}
+        assert {k: v for k, v in getattr(cfg.regions, name).model_dump().items() if k not in PROPOSER_INPUTS} \
+            == params, name
 
 
 @pytest.mark.parametrize(("override", "needle"), [
@@ -102,7 +109,7 @@ def test_label_sections_default_to_the_core_defaults():
     ("refine=caa", "refine: a list of refiner names now, e.g. refine: [caa, crf] or [caa]"),
     ("refine=[crf, caa]", "cam_source=clip_es with refine=['crf', 'caa']: refiner 'caa' works on CAMs and must come before 'crf'"),
     ("cam_source=psa", "cam_source: unknown CAM source 'psa'; known: clip_es, gradcam, toco, toco_seg"),
-    ("refine=[caa, pamr]", "refine: unknown refiner(s) ['pamr']; known: caa, crf, par, random_walk"),
+    ("refine=[caa, pamr]", "refine: unknown refiner(s) ['pamr']; known: caa, crf, par, random_walk, regions"),
 ])
 def test_old_and_impossible_label_configs_fail_naming_the_key(override, needle):
     from wsss_platform.label.config import LabelConfig

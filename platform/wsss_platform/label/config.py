@@ -16,8 +16,10 @@ from wsss_core.refine import (  # the refiners' defaults are the sections'
     PAR,
     DenseCRF,
     RandomWalk,
+    RegionMerge,
 )
-from wsss_core.registry import CAM_SOURCES, REFINERS, check_pipeline
+from wsss_core.regions import SAM, SLIC, Felzenszwalb
+from wsss_core.registry import CAM_SOURCES, PROPOSERS, REFINERS, check_pipeline
 from wsss_platform.config import Section
 from wsss_platform.datasets.base import DatasetConfig
 
@@ -107,6 +109,58 @@ class RandomWalkConfig(Section):
     """banded: O(N·r²) memory, t steps; dense: [N, N] matrices, log t products; auto: dense up to 4096 grid cells."""
 
 
+class FelzenszwalbConfig(Section):
+    """``regions.proposer: felzenszwalb`` (``wsss_core.regions.Felzenszwalb``, scikit-image)."""
+
+    scale: float = Field(Felzenszwalb.scale, gt=0)
+    """Larger: fewer, larger regions."""
+    sigma: float = Field(Felzenszwalb.sigma, ge=0)
+    min_size: int = Field(Felzenszwalb.min_size, ge=1)
+
+
+class SLICConfig(Section):
+    """``regions.proposer: slic`` (``wsss_core.regions.SLIC``, scikit-image)."""
+
+    n_segments: int = Field(SLIC.n_segments, ge=2)
+    compactness: float = Field(SLIC.compactness, gt=0)
+    sigma: float = Field(SLIC.sigma, ge=0)
+
+
+class SAMConfig(Section):
+    """``regions.proposer: sam`` (``wsss_core.regions.SAM``: Segment Anything's automatic mask
+    generator; the optional ``segment-anything`` package)."""
+
+    checkpoint: str = ""
+    """The SAM weights (the official ``sam_vit_b_01ec64.pth`` etc.), a local path or s3:// URI;
+    ``none``: random weights (tests only)."""
+    model_type: Literal["vit_b", "vit_l", "vit_h"] = SAM.model_type
+    points_per_side: int = Field(SAM.points_per_side, ge=1, le=128)
+    pred_iou_thresh: float = Field(SAM.pred_iou_thresh, ge=0, le=1)
+    stability_score_thresh: float = Field(SAM.stability_score_thresh, ge=0, le=1)
+
+
+class RegionsConfig(Section):
+    """Settings of the ``regions`` refiner (``wsss_core.refine.regions.RegionMerge``: SEPL's vote of
+    the pseudo mask into class-agnostic regions), and of the proposer it uses (its own section)."""
+
+    proposer: str = "felzenszwalb"
+    """A registered region proposer (``wsss_core.registry.PROPOSERS``): felzenszwalb, slic or sam."""
+    inside: float = Field(RegionMerge.inside, gt=0, le=1)
+    """A region joins a class holding at least this share of it (SEPL: 0.5) ..."""
+    cover: float = Field(RegionMerge.cover, gt=0, le=1)
+    """... or holding at least this share of the class's mask (SEPL: 0.85)."""
+    felzenszwalb: FelzenszwalbConfig = FelzenszwalbConfig()
+    slic: SLICConfig = SLICConfig()
+    sam: SAMConfig = SAMConfig()
+
+    @field_validator("proposer")
+    @classmethod
+    def _known_proposer(cls, v: str) -> str:
+        if v not in PROPOSERS:
+            raise ValueError(f"unknown region proposer {v!r}; known: {', '.join(PROPOSERS.names())}")
+        return v
+
+
 class ComputeConfig(Section):
     batch_size: int = Field(16, ge=1, le=1024)
     """Images per actor call (and per forward pass within a size group)."""
@@ -176,6 +230,7 @@ class LabelConfig(Section):
     crf: CRFConfig = CRFConfig()
     par: PARConfig = PARConfig()
     random_walk: RandomWalkConfig = RandomWalkConfig()
+    regions: RegionsConfig = RegionsConfig()
     mask: MaskConfig = MaskConfig()
     cache: Literal["none", "cams", "full"] = "cams"
     """What ``cams/<id>.npz`` keeps: nothing; the CAMs (float16) and class scores; or also what the

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,14 @@ from wsss_core.models.clip import ClipViT, create_clip
 from wsss_core.models.weights import looks_like_path
 from wsss_core.pipeline import LabelingPipeline, PseudoMasker
 from wsss_core.prompts import build_prompts
-from wsss_core.registry import CAM_SOURCES, REFINERS, create_cam_source, create_refiner
+from wsss_core.registry import (
+    CAM_SOURCES,
+    PROPOSERS,
+    REFINERS,
+    create_cam_source,
+    create_proposer,
+    create_refiner,
+)
 from wsss_platform import outputs, storage
 from wsss_platform.checkpoint import load_state, resolve, resolve_weights
 from wsss_platform.config import ConfigError
@@ -156,25 +164,81 @@ def refiner_checkpoint(cfg: LabelConfig, name: str) -> dict[str, Any]:
     return _checkpoint(refiner_checkpoint_uri(cfg, name), cfg.dataset.storage.model_dump_json())
 
 
+def proposer_settings(cfg: LabelConfig, name: str) -> dict[str, Any]:
+    """The region proposer a refiner's section names and the settings of its own sub-section
+    (``regions.proposer: felzenszwalb`` -> ``regions.felzenszwalb``)."""
+    section = getattr(cfg, name)
+    settings = getattr(section, section.proposer, None)
+    return {"proposer": section.proposer, "settings": settings.model_dump(mode="json") if settings is not None else {}}
+
+
+def sam_weights(uri: str, options: StorageOptions) -> dict[str, Any] | None:
+    """SAM's state dict from a local file or object storage; ``none``: random weights."""
+    if not uri:
+        raise ConfigError("regions.sam.checkpoint: give the SAM weights (e.g. sam_vit_b_01ec64.pth, a local path or "
+                          "s3:// URI), or none for random weights (tests only)")
+    return _sam_state(uri, options.model_dump_json())
+
+
+@functools.lru_cache(maxsize=1)
+def _sam_state(uri: str, storage_json: str) -> dict[str, Any] | None:
+    # Cached per process, like the CLIP model: sweep trials rebuild the proposer in the same actor.
+    found = resolve_weights(uri, StorageOptions.model_validate_json(storage_json))
+    if found is None:
+        return None
+    try:
+        return torch.load(io.BytesIO(found) if isinstance(found, bytes) else found, map_location="cpu", weights_only=True)
+    except (OSError, storage.StorageError, RuntimeError) as e:
+        raise ConfigError(f"regions.sam.checkpoint: cannot read SAM weights from {uri}: {e}") from None
+
+
+PROPOSER_INPUTS: dict[str, Callable[[Any, StorageOptions, torch.device], Any]] = {
+    "checkpoint": lambda v, opts, _: sam_weights(v, opts),
+    "device": lambda _, __, d: str(d),
+}
+"""Proposer-factory arguments the platform turns from the setting's value (a weights URI into the
+weights) or adds (the device)."""
+
+
+def build_proposer(cfg: LabelConfig, name: str, device: torch.device) -> Any:
+    chosen = proposer_settings(cfg, name)
+    params = inspect.signature(PROPOSERS.get(chosen["proposer"])).parameters
+    kwargs = {k: PROPOSER_INPUTS[k](v, cfg.dataset.storage, device) if k in PROPOSER_INPUTS else v
+              for k, v in chosen["settings"].items()}
+    if "device" in params:
+        kwargs["device"] = str(device)
+    return create_proposer(chosen["proposer"], **kwargs)
+
+
+STAGE_SETTINGS: dict[str, Callable[[LabelConfig, str], Any]] = {
+    "checkpoint": refiner_checkpoint_uri,  # the folder it resolves to: an output's latest changes as it trains on
+    "proposer": proposer_settings,  # the proposer and its own settings
+}
+
+
 def refiner_stage_settings(cfg: LabelConfig, name: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    """What shapes a refiner's own image stage (a sweep's cache key): the section's values, a
-    checkpoint as the folder it resolves to (an output's latest changes as it trains on)."""
+    """What shapes a refiner's own image stage (a sweep's cache key): the section's values, or what
+    ``STAGE_SETTINGS`` makes of them."""
     section = getattr(cfg, name).model_dump(mode="json")
-    return {k: refiner_checkpoint_uri(cfg, name) if k == "checkpoint" else section[k] for k in keys}
+    return {k: STAGE_SETTINGS[k](cfg, name) if k in STAGE_SETTINGS else section[k] for k in keys}
 
 
 REFINER_INPUTS: dict[str, Callable[[LabelConfig, str, torch.device], Any]] = {
     "checkpoint": lambda c, name, _: refiner_checkpoint(c, name),
+    "proposer": build_proposer,
     "device": lambda c, _, d: str(d),
 }
 """Refiner-factory arguments the platform supplies in place of the section's value (a checkpoint
-URI becomes the checkpoint's contents) or beside it (the device)."""
+URI becomes the checkpoint's contents, a proposer's name the proposer built from its sub-section)
+or beside it (the device)."""
 
 
 def refiner_kwargs(cfg: LabelConfig, name: str, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     section = getattr(cfg, name, None)
-    kwargs = section.model_dump() if isinstance(section, BaseModel) else {}
     params = inspect.signature(REFINERS.get(name)).parameters
+    # only the factory's own arguments: a section may also hold what REFINER_INPUTS builds from
+    # (the regions proposers' sub-sections)
+    kwargs = {k: v for k, v in section.model_dump().items() if k in params} if isinstance(section, BaseModel) else {}
     return kwargs | {p: supply(cfg, name, device) for p, supply in REFINER_INPUTS.items() if p in params}
 
 

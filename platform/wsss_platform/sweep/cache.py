@@ -105,7 +105,7 @@ def compute_refiner_aux(refiner: types.StagedRefiner, subset: Subset, batch_size
     out: list[dict[str, torch.Tensor]] = [{} for _ in subset.ids]
     for chunk in subset.batches(batch_size):
         for i, aux in zip(chunk, refiner.image_aux([subset.images[i].numpy() for i in chunk]), strict=True):
-            out[i] = {k: v.float().cpu() for k, v in aux.items()}
+            out[i] = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in aux.items()}  # regions: ids
     return out
 
 

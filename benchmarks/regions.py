@@ -57,7 +57,7 @@ def proposer_seconds(n: int = 20) -> dict[str, float]:
     ds = open_dataset(DatasetConfig(uri=str(DEV), split="train"))
     images = [ds.load(i).image for i in ds.ids[:n]]
     out = {}
-    for name, kwargs, count in (("felzenszwalb", {}, n), ("slic", {}, n), ("sam", {}, 2)):
+    for name, kwargs, count in (("felzenszwalb", {}, n), ("slic", {}, n), ("sam", {}, 1)):
         try:
             proposer = create_proposer(name, **kwargs)
         except ImportError as e:

@@ -76,3 +76,16 @@ def test_bad_regions_settings_fail_before_any_work_naming_the_key(extra, needle)
     with pytest.raises(ConfigError, match=re.escape(needle)):
         check_stages(build_config(LabelConfig, {}, ["model.name=tiny", "model.pretrained=none", "refine=[caa, regions]",
                                                     *extra]))
+
+
+def test_a_proposer_s_own_settings_are_sweepable_keys(tmp_path):
+    from wsss_platform.sweep.config import apply_params, load_sweep_config
+
+    doc = {"label": {"model": {"name": "tiny", "pretrained": "none"}, "refine": ["caa", "regions"]},
+           "search_space": {"regions.felzenszwalb.scale": {"low": 30.0, "high": 400.0, "log": True},
+                            "regions.slic.n_segments": {"low": 50, "high": 400}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    cfg, dims = load_sweep_config(tmp_path / "s.yaml")
+    assert [(d.key, d.kind) for d in dims] == [("regions.felzenszwalb.scale", "float"), ("regions.slic.n_segments", "int")]
+    regions = apply_params(cfg.label.model_dump(mode="json"), {dims[0].name: 77.0, dims[1].name: 120})["regions"]
+    assert regions["felzenszwalb"]["scale"] == 77.0 and regions["slic"]["n_segments"] == 120

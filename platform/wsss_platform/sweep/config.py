@@ -40,7 +40,17 @@ def sweepable_keys() -> list[str]:
     the rest reuses the cached CAMs and aux and runs no network."""
     keys = ["cam_source", "refine", "text.template", "text.fuse_synonyms", "text.use_background"]
     for section in ("mask", *(name for name in REFINERS.names() if name in LabelConfig.model_fields)):
-        keys += [f"{section}.{k}" for k in LabelConfig.model_fields[section].annotation.model_fields]  # type: ignore[union-attr]
+        keys += _section_keys(section, LabelConfig.model_fields[section].annotation)
+    return keys
+
+
+def _section_keys(prefix: str, section: Any) -> list[str]:
+    """Every leaf key of a section, sub-sections included (``regions.felzenszwalb.scale``)."""
+    keys = []
+    for name, field in section.model_fields.items():
+        sub = field.annotation
+        keys += _section_keys(f"{prefix}.{name}", sub) if isinstance(sub, type) and issubclass(sub, Section) \
+            else [f"{prefix}.{name}"]
     return keys
 
 
@@ -143,9 +153,10 @@ class Dim:
 
 
 def _field_type(key: str, cls: type[Section] = LabelConfig) -> type:
-    section, _, name = key.rpartition(".")
-    fields = cls.model_fields[section].annotation.model_fields if section else cls.model_fields  # type: ignore[union-attr]
-    return fields[name].annotation  # type: ignore[return-value]
+    *sections, name = key.split(".")
+    for section in sections:  # down the sub-sections (regions.felzenszwalb.scale)
+        cls = cls.model_fields[section].annotation  # type: ignore[assignment]
+    return cls.model_fields[name].annotation  # type: ignore[return-value]
 
 
 def _check_value(base: dict[str, Any], key: str, value: Any, what: str, extra: dict[str, Any] | None = None,

@@ -53,11 +53,11 @@ SPACE = {
 }
 
 
-def proposer_seconds(n: int = 20) -> dict[str, float]:
+def proposer_seconds(n: int = 20, sam: bool = False) -> dict[str, float]:
     ds = open_dataset(DatasetConfig(uri=str(DEV), split="train"))
     images = [ds.load(i).image for i in ds.ids[:n]]
     out = {}
-    for name, kwargs, count in (("felzenszwalb", {}, n), ("slic", {}, n), ("sam", {}, 1)):
+    for name, kwargs, count in (("felzenszwalb", {}, n), ("slic", {}, n), *((("sam", {}, 1),) if sam else ())):
         try:
             proposer = create_proposer(name, **kwargs)
         except ImportError as e:
@@ -93,6 +93,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="bench-regions")
     p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--sam", action="store_true", help="also time SAM (ViT-B, random weights: minutes an image on 2 cores)")
     args = p.parse_args()
     if not DEV.is_dir():
         print(f"needs {DEV}", file=sys.stderr)
@@ -100,9 +101,9 @@ def main() -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    seconds = proposer_seconds()
+    seconds = proposer_seconds(sam=args.sam)
     base = yaml.safe_load(BASE.read_text())
-    base["dataset"]["uri"], base["model"] = str(DEV), {k: str((BASE.parent / v).resolve()) for k, v in base["model"].items()}
+    base["dataset"]["uri"], base["model"] = str(DEV), {k: str((ROOT / v).resolve()) for k, v in base["model"].items()}  # relative to the repo root
     doc = {"label": base, "objective": "miou", "subset": {"num_images": 64, "seed": 0}, "search_space": SPACE,
            "tune": {"num_trials": args.trials, "max_concurrent_trials": 2, "seed": 0, "startup_trials": 10,
                     "early_stopping": True, "report_chunks": 4},

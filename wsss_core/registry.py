@@ -39,11 +39,17 @@ class Registry:
         return deco
 
     def get(self, name: str) -> Callable[..., Any]:
-        _builtins()
         try:
-            return self._items[name]
-        except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names()) or 'none'}") from None
+            return self._items[self.known(name)]
+        except ValueError as e:
+            raise KeyError(str(e)) from None
+
+    def known(self, name: str) -> str:
+        """``name`` when registered (for config validators); else ValueError listing the known names."""
+        _builtins()
+        if name not in self._items:
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names()) or 'none'}")
+        return name
 
     def names(self) -> list[str]:
         _builtins()

@@ -56,10 +56,4 @@ def unpack_layers(layers: torch.Tensor) -> torch.Tensor:
     return (layers[None] == ids).any(1)
 
 
-def partition_layers(labels: np.ndarray) -> torch.Tensor:
-    """A label map [H, W] (one region per value) -> one layer [1, H, W] with ids 0 .. R-1."""
-    _, ids = np.unique(labels, return_inverse=True)
-    return torch.from_numpy(ids.reshape(labels.shape).astype(np.int32))[None]
-
-
-__all__ = ["SAM", "SLIC", "Felzenszwalb", "RegionProposer", "pack_layers", "partition_layers", "unpack_layers"]
+__all__ = ["SAM", "SLIC", "Felzenszwalb", "RegionProposer", "pack_layers", "unpack_layers"]

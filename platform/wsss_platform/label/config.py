@@ -156,9 +156,7 @@ class RegionsConfig(Section):
     @field_validator("proposer")
     @classmethod
     def _known_proposer(cls, v: str) -> str:
-        if v not in PROPOSERS:
-            raise ValueError(f"unknown region proposer {v!r}; known: {', '.join(PROPOSERS.names())}")
-        return v
+        return PROPOSERS.known(v)
 
 
 class ComputeConfig(Section):
@@ -250,9 +248,7 @@ class LabelConfig(Section):
     @field_validator("cam_source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v not in CAM_SOURCES:
-            raise ValueError(f"unknown CAM source {v!r}; known: {', '.join(CAM_SOURCES.names())}")
-        return v
+        return CAM_SOURCES.known(v)
 
     @field_validator("refine")
     @classmethod

@@ -1,12 +1,12 @@
 """Pseudo masks voted into regions (``refine: [..., regions]``) on the synthshapes yardstick (2 CPU cores).
 
-    python benchmarks/regions.py [--workdir bench-regions] [--trials 40]
+    python benchmarks/regions.py [--workdir bench-regions] [--trials 40] [--subset 100] [--sam]
 
 1. Seconds per image of each region proposer on dev images (SAM: ViT-B with random weights, which
    costs what trained ones do; its masks mean nothing here).
-2. A `wsss sweep` over CAA, CRF and regions keys on a 64-image subset of ../shared/benchmarks/synthshapes/dev
-   (``refine`` one of [caa, regions] / [caa, crf, regions], the proposer and its scale, inside, cover,
-   CAA's box threshold and the background threshold).
+2. A `wsss sweep` over CAA, CRF and regions keys on a 100-image subset of ../shared/benchmarks/synthshapes/dev
+   (``refine`` one of [caa, regions] / [caa, crf, regions] / [caa, regions, crf], the proposer and its
+   scale, inside, cover, CAA's box threshold, the background threshold and the CRF's colour kernel).
 3. `wsss label` over all 200 dev images with: CAA alone and CAA + CRF (jobs/configs/synthshapes.yaml), the
    sweep's best.yaml, and that config without ``regions``; each scored on the images the sweep never
    saw (held out), from the per-image confusion entries of the run's manifest.
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "jobs" / "configs" / "synthshapes.yaml"
 DEV = ROOT.parent / "shared" / "benchmarks" / "synthshapes" / "dev"
 SPACE = {
-    "refine": {"choices": [["caa", "regions"], ["caa", "crf", "regions"]]},
+    "refine": {"choices": [["caa", "regions"], ["caa", "crf", "regions"], ["caa", "regions", "crf"]]},
     "regions.proposer": {"choices": ["felzenszwalb", "slic"]},
     "regions.felzenszwalb.scale": {"low": 30.0, "high": 400.0, "log": True},
     "regions.slic.n_segments": {"low": 50, "high": 400},
@@ -50,6 +50,8 @@ SPACE = {
     "regions.cover": {"low": 0.5, "high": 1.0},
     "caa.box_threshold": {"low": 0.2, "high": 0.8},
     "mask.bg_value": {"low": 0.3, "high": 0.7},
+    "crf.bilateral_srgb": {"low": 3.0, "high": 30.0, "log": True},
+    "crf.bilateral_compat": {"low": 2.0, "high": 20.0, "log": True},
 }
 
 
@@ -93,6 +95,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="bench-regions")
     p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--subset", type=int, default=100, help="sweep images; the rest of the 200 are held out")
     p.add_argument("--sam", action="store_true", help="also time SAM (ViT-B, random weights: minutes an image on 2 cores)")
     args = p.parse_args()
     if not DEV.is_dir():
@@ -104,7 +107,7 @@ def main() -> int:
     seconds = proposer_seconds(sam=args.sam)
     base = yaml.safe_load(BASE.read_text())
     base["dataset"]["uri"], base["model"] = str(DEV), {k: str((ROOT / v).resolve()) for k, v in base["model"].items()}  # relative to the repo root
-    doc = {"label": base, "objective": "miou", "subset": {"num_images": 64, "seed": 0}, "search_space": SPACE,
+    doc = {"label": base, "objective": "miou", "subset": {"num_images": args.subset, "seed": 0}, "search_space": SPACE,
            "tune": {"num_trials": args.trials, "max_concurrent_trials": 2, "seed": 0, "startup_trials": 10,
                     "early_stopping": True, "report_chunks": 4},
            "output": str(work / "sweep"), "tracking": {"enabled": False}}
@@ -129,7 +132,7 @@ def main() -> int:
         print(f"| {name} | {s:.3f} |")
     print(f"\nsweep: {summary.num_trials} trials in {sweep_s:.0f} s; best: refine {best['refine']}, "
           f"regions {best.get('regions')}, caa.box_threshold {best['caa']['box_threshold']:.3f}, "
-          f"mask.bg_value {best['mask']['bg_value']:.3f}\n")
+          f"mask.bg_value {best['mask']['bg_value']:.3f}, crf {best.get('crf')}\n")
     print("| masks from | mIoU, held out | mIoU, sweep subset | labeling s (200 images) |\n|---|---|---|---|")
     for name, h, s_, s in rows:
         print(f"| {name} | {h:.4f} | {s_:.4f} | {s:.0f} |")

@@ -175,8 +175,9 @@ def test_sources_and_refiner_lists_are_dimensions(tmp_path):
     assert cache.features_uri("o", a) == cache.features_uri("o", b) and cache.cams_uri("o", a) != cache.cams_uri("o", b)
 
 
-def test_a_training_sweep_is_validated_against_the_training_config(tmp_path):
-    """`train:` instead of `label:`: training keys only, bounds checked by TrainConfig, val mIoU only."""
+def test_a_training_sweep_is_validated_against_the_training_config(tmp_path, synthshapes):
+    """`train:` instead of `label:`: training keys only, bounds checked by TrainConfig, val mIoU only.
+    (The example config names the yardstick's model: skipped where ../shared is absent.)"""
     from wsss_platform.sweep.train_objective import trial_config
 
     cfg, dims = load_sweep_config(Path(__file__).parents[2] / "jobs" / "configs" / "synthshapes-train-sweep.yaml")

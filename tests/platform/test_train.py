@@ -224,8 +224,8 @@ def test_two_nodes_keep_identical_parameters_and_the_loss_falls(recipe, two_node
     seen = json.loads(result.read_text())
     assert seen["backend"] == "gloo" and len(set(seen["nodes"])) == 2
     assert len(seen["max_param_diff"]) == 16 and max(seen["max_param_diff"]) == 0.0
-    # on the same batch: the loss of 16 tiny random crops jumps between batches (one of 10 after 12 steps
-    # of a frozen head that fell on the first batch from 2.5 to 0.6), so a mean over the last batches is noise
-    losses = seen["losses"]
-    assert seen["first_batch_after"] < 0.8 * losses[0], (losses, seen["first_batch_after"])
+    # on the same batches (the first epoch's, seen again after 16 steps, with the same random draws): a single
+    # batch's loss once fell only from 2.44 to 2.37 in 16 steps whose own losses fell to 1.5: one batch is noise
+    before, after = seen["epoch_one_before"], seen["epoch_one_after"]
+    assert after < 0.8 * before, (seen["losses"], before, after)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -219,3 +220,20 @@ def labelled_cams(labelled):
                                              "model.name=tiny", "model.pretrained=none", "refine=[]",
                                              "tracking.enabled=false"]))
     return labelled / "cams"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("no system Chromium/chromedriver (apt-get install chromium chromium-driver; .ci/run does)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra has it)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    opts.binary_location = chromium
+    b = webdriver.Chrome(options=opts, service=Service(driver))
+    yield b
+    b.quit()

@@ -421,6 +421,19 @@ ABOUT = {
                 ["wsss predict --checkpoint seg-output --dataset demo-data/voc --split val --output pred",
                  "wsss predict --checkpoint s3://bucket/seg-1 --dataset s3://bucket/VOC2012 --split val "
                  "--output s3://bucket/pred-1 'scales=[0.5,0.75,1,1.25,1.5,1.75]' flip=true"]),
+    "export": ("A labeling or prediction output for people to review: its images scored for doubt (share of pixels\n"
+               "below mu, foreground confidence, disagreement with --against), written most doubtful first as\n"
+               "review.parquet (and a table on the output's MLflow run), and the --review N first of them in\n"
+               "an annotation tool's format: Label Studio tasks + labeling config, a CVAT 'Segmentation mask\n"
+               "1.1' zip, or COCO results. Failed images are left out and listed.",
+               ["wsss export --from labels --format label-studio --output review --review 50 "
+                "--image-url '/data/local-files/?d=voc/{path}'",
+                "wsss export --from s3://bucket/labels --format cvat --output s3://bucket/review"]),
+    "import": ("The annotators' work back as a pseudo-mask folder: corrected images at full confidence, the rest\n"
+               "as --pseudo labelled them; `wsss train segmenter train.pseudo_masks=OUTPUT` reads it. Prints how\n"
+               "much people changed (pixel share, IoU of the pseudo masks against the corrections per class).",
+               ["wsss import --format label-studio --from project-1-export.json --pseudo labels --output labels-reviewed",
+                "wsss import --format cvat --from task.zip --pseudo labels --dataset demo-data/voc --output labels-reviewed"]),
     "submit": ("Submit a job to a running Ray cluster through its Job Submission API.",
                ["wsss submit label --address http://HEAD:8265 --config jobs/configs/voc.yaml --follow"]),
     "cluster": ("A Ray cluster of several nodes on this machine, all on 127.0.0.1 (each node its own `ray start`,\n"
@@ -444,6 +457,53 @@ def _version() -> str:
 
     v = code_version()
     return f"wsss {v['package']} (commit {v['git_commit'][:12]})"
+
+
+def _add_handoff_commands(sub) -> None:
+    """`wsss export` and `wsss import`: pseudo masks to annotation tools and back."""
+    from wsss_platform.handoff.formats import FORMATS, IMPORTABLE
+
+    ex = sub.add_parser("export", help="export pseudo masks for review, most doubtful first (Label Studio, CVAT, COCO)")
+    _describe(ex, "export")
+    ex.add_argument("--from", dest="source", required=True, help="a `wsss label` or `wsss predict` output")
+    ex.add_argument("--format", required=True, choices=sorted(FORMATS))
+    ex.add_argument("--output", required=True, help="folder for the export, local or s3://")
+    ex.add_argument("--review", type=int, help="export only the N most doubtful images (default: all)")
+    ex.add_argument("--order", choices=["doubt", "id"], default="doubt", help="order of the images and review.parquet")
+    ex.add_argument("--image-url", default="{uri}",
+                    help="each task's image: {uri} the image's URI, {path} its path under the dataset root, {id}")
+    ex.add_argument("--against", help="a second output of the same images; their disagreement joins the doubt")
+    ex.add_argument("--mu", type=float, help="confidence cut of the doubt (default: the labeling's mask.mu)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an export in --output")
+    ex.set_defaults(func=cmd_export)
+    im = sub.add_parser("import", help="turn annotators' corrections into a pseudo-mask folder for training")
+    _describe(im, "import")
+    im.add_argument("--format", required=True, choices=IMPORTABLE)
+    im.add_argument("--from", dest="source", required=True,
+                    help="the tool's export: Label Studio's JSON export, or CVAT's 'Segmentation mask 1.1' zip")
+    im.add_argument("--pseudo", required=True, help="the labeling output the export was made from")
+    im.add_argument("--dataset", help="dataset root, when it moved since labeling (default: the labeling's)")
+    im.add_argument("--output", required=True, help="folder for the corrected pseudo masks, local or s3://")
+    im.add_argument("--mu", type=float, help="masks/ cut of the uncorrected images (default: the labeling's mask.mu)")
+    im.add_argument("--overwrite", action="store_true", help="replace an import in --output")
+    im.set_defaults(func=cmd_import)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from wsss_platform.handoff.job import ExportConfig, run_export
+
+    if args.review is not None and args.review < 1:
+        raise ValueError("--review: give a number of images ≥ 1 (omit it to export all)")
+    run_export(ExportConfig(args.source, args.format, args.output, args.review, args.order, args.image_url,
+                            args.against, args.mu, args.overwrite))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from wsss_platform.handoff.job import ImportConfig, run_import
+
+    run_import(ImportConfig(args.format, args.source, args.pseudo, args.dataset, args.output, args.mu, args.overwrite))
+    return 0
 
 
 def _add_cluster_commands(sub) -> None:
@@ -537,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     _describe(sw, "sweep")
 
     _add_train_commands(sub)
+    _add_handoff_commands(sub)
     _add_cluster_commands(sub)
 
     dm = sub.add_parser("demo", help="run the end-to-end demo on generated data (what `make demo` runs)")

@@ -91,6 +91,7 @@ def quiet_mlflow() -> None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         # Its own "View run" links open the GenAI view; ours carry workflowType=machine_learning.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact, into pipes too
 
 
 class Progress:

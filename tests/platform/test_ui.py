@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -193,23 +192,6 @@ def test_wsss_ui_without_a_store_says_where_it_looked(tmp_path):
 
 
 # --- the MLflow UI in a real browser -------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip("no system Chromium/chromedriver (apt-get install chromium chromium-driver; .ci/run does)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra has it)")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000", "--disable-dev-shm-usage"):
-        opts.add_argument(a)
-    opts.binary_location = chromium
-    b = webdriver.Chrome(options=opts, service=Service(driver))
-    yield b
-    b.quit()
-
 
 def _wait_text(browser, text: str, timeout: float = 60) -> None:
     from selenium.webdriver.common.by import By

@@ -278,7 +278,7 @@ def run_label(cfg: LabelConfig, log=print) -> LabelSummary:
         with job_run(cfg, ds, len(todo)) as run:
             if run is not None:
                 summary.run_id, summary.run_url = run.run_id, run.url
-                run_info["mlflow_run_url"] = run.url
+                run_info |= {"mlflow_run_url": run.url, "mlflow_run_id": run.run_id, "mlflow_run_name": run.name}
                 log(f"[wsss label] MLflow run: {run.url}")
             storage.write_text(storage.join(out, "run.json"), json.dumps(run_info, indent=2), opts)
             _label(cfg, ds, todo, summary, log, run)

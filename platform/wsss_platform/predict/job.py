@@ -136,11 +136,11 @@ def run_predict(cfg: PredictConfig, log=print) -> PredictSummary:
     summary = PredictSummary(output=cfg.output, checkpoint=ckpt, total=len(ds.ids))
     log(f"[wsss predict] {ds.uri} split {cfg.dataset.split}: {len(ds.ids)} images with {ckpt} -> {cfg.output}")
     info = {"config": cfg.model_dump(mode="json", exclude={"dataset": {"storage"}}), "checkpoint": ckpt,
-            "code": code_version(), "started_at": time.time()}
+            "code": code_version(), "started_at": time.time(), "classes": ds.class_mapping()}
     with _job_run(cfg, ds, ckpt) as run:
         if run is not None:
             summary.run_id, summary.run_url = run.run_id, run.url
-            info["mlflow_run_url"] = run.url
+            info |= {"mlflow_run_url": run.url, "mlflow_run_id": run.run_id, "mlflow_run_name": run.name}
         storage.write_text(storage.join(cfg.output, "run.json"), json.dumps(info, indent=2), cfg.dataset.storage)
         table = _manifest(cfg, ds, _predict(cfg, ds, ckpt, summary), summary)
         if run is not None:

@@ -1,6 +1,7 @@
 """`wsss predict`: a trained segmenter over a split with Ray Data, masks written and scored, local and S3."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -70,6 +71,20 @@ def test_predict_writes_masks_scores_them_and_logs_a_run(trained, tmp_path, monk
     assert run.data.metrics["miou"] == pytest.approx(summary.miou)
     assert run.data.tags["wsss.checkpoint"] == checkpoint and run.data.params["flip"] == "True"
     assert {"preview.png", "per_class_iou.json"} <= {a.path for a in client.list_artifacts(summary.run_id)}
+    # a prediction goes to review like a labeling: its masks/ exactly, its classes, the table on its run
+    from pycocotools import mask as mask_utils
+
+    assert main(["export", "--from", out, "--format", "coco", "--output", str(tmp_path / "review")]) == 0
+    results = json.loads((tmp_path / "review" / "results.json").read_text())
+    cats = {c["id"]: c["name"] for c in json.loads((tmp_path / "review" / "categories.json").read_text())}
+    val = open_dataset(DatasetConfig(uri=str(root / "voc"), split="val"))
+    assert list(cats.values()) == list(val.classes.names)
+    for r in results:
+        mask = _png(storage.join(out, "masks", f"{r['image_id']}.png"))
+        on = mask_utils.decode({"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()})
+        assert np.array_equal(on.astype(bool), mask == r["category_id"])
+    assert results and {r["image_id"] for r in results} <= set(val.ids)
+    assert any(a.path.startswith("review-") for a in client.list_artifacts(summary.run_id))
 
 
 @pytest.mark.slow

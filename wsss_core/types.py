@@ -108,9 +108,11 @@ class StagedRefiner(Refiner, Protocol):
     """A refiner that runs a network of its own on the images (PSA's random walk: AffinityNet's
     affinity), in a stage apart so that a sweep can cache it: ``image_aux`` gives per image the aux
     that ``__call__`` then reads (and computes itself when absent). ``image_aux_inputs`` names the
-    settings that shape it (e.g. the checkpoint and the radius, not β or t)."""
+    settings that shape it (e.g. the checkpoint and the radius, not β or t); ``image_aux_keys`` the
+    keys it gives (a preview draws ``regions``)."""
 
     image_aux_inputs: ClassVar[tuple[str, ...]]
+    image_aux_keys: ClassVar[tuple[str, ...]]
 
     def image_aux(self, images: Sequence[np.ndarray]) -> list[dict[str, torch.Tensor]]:
         """uint8 [H, W, 3] images of one size -> per image {key: tensor}."""

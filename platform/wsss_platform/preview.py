@@ -1,7 +1,7 @@
 """Pictures for MLflow: a titled preview grid and a per-class IoU chart.
 
 Labeling preview: one row per image, titled with its id and present classes: image | the CAM of
-each present class | pseudo mask | ground truth. ``panels`` draws any such grid (the segmenter's:
+each present class | the regions a refiner voted into, when one did | pseudo mask | ground truth. ``panels`` draws any such grid (the segmenter's:
 image | prediction | pseudo mask | ground truth).
 """
 
@@ -41,6 +41,19 @@ class PreviewRow:
     """uint8 [H, W] pseudo mask (255 = ignore)"""
     gt: np.ndarray | None
     """uint8 [H, W] ground truth, when there is one"""
+    regions: np.ndarray | None = None
+    """int [L, H, W] region ids (-1 none; ``wsss_core.regions``) of a refiner that votes into regions"""
+
+
+def outline(image: np.ndarray, layers: np.ndarray) -> np.ndarray:
+    """``image`` [H, W, 3] with the edges of every region of ``layers`` [L, H, W] drawn in white."""
+    edge = np.zeros(image.shape[:2], bool)
+    for ids in layers:
+        edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+        edge[1:, :] |= ids[1:, :] != ids[:-1, :]
+    out = image.copy()
+    out[edge] = 255
+    return out
 
 
 def _cell(array: np.ndarray, size: tuple[int, int], nearest: bool) -> Image.Image:
@@ -80,13 +93,15 @@ def colour(mask: np.ndarray | None, like: np.ndarray) -> np.ndarray:
 
 
 def grid(rows: list[PreviewRow], cell: int = 160, title_h: int = 16) -> bytes:
-    """PNG bytes of the labeling preview: image | CAM per present class | pseudo mask | ground truth."""
+    """PNG bytes of the labeling preview: image | CAM per present class | [regions] | pseudo mask | ground truth."""
     k_max = max((len(r.class_names) for r in rows), default=1) or 1
     out = []
     for r in rows:
         cells: list[Cell] = [("image", r.image, False)]
         cells += [(f"CAM {n}", heatmap(c), False) for n, c in zip(r.class_names, r.cams, strict=True)]
         cells += [("", None, False)] * (k_max - len(r.class_names))
+        if r.regions is not None:
+            cells.append((f"{int(r.regions.max()) + 1} regions", outline(r.image, r.regions), True))
         cells += [("pseudo mask", colour(r.mask, r.image), True), ("ground truth", colour(r.gt, r.image), True)]
         out.append((f"{r.image_id}: {', '.join(r.class_names) or 'no class'}", cells))
     return panels(out, cell, title_h)

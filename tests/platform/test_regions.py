@@ -17,19 +17,33 @@ from .test_label import check_outputs, label_config
 @pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 def test_label_with_caa_then_regions(where, tmp_path, ray_local, monkeypatch, request):
     """Every mask written and scored; with ``cache: full`` the masks are rebuilt from the cache by the
-    core pipeline (proposals made again from the images) and give the same scores."""
+    core pipeline (proposals made again from the images) and give the same scores. The run's preview
+    has a cell of the regions between the CAMs and the pseudo mask."""
+    import io
+
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
     write_demo_dataset(f"{root}/voc", "voc", 6, seed=15)
     cfg = label_config(f"{root}/voc", f"{root}/out", extra=(
         "refine=[caa, regions]", "regions.proposer=felzenszwalb", "regions.felzenszwalb.scale=50",
-        "tracking.enabled=false", "cache=full"))
+        *(("tracking.enabled=false",) if where == "s3" else ()), "cache=full"))
     summary = run_label(cfg)
     check_outputs(cfg, summary)
     if where == "local":
         settings = json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
         assert settings["refine"] == ["caa", "regions"] and settings["regions"]["felzenszwalb"]["scale"] == 50
+        from wsss_platform import outputs
+
+        k_max = max(len(outputs.decode_cams((tmp_path / "out" / "cams" / f).read_bytes())["labels"])
+                    for f in sorted((tmp_path / "out" / "cams").iterdir()))
+        path = MlflowClient().download_artifacts(summary.run_id, "preview.png", str(tmp_path))
+        width = np.asarray(Image.open(io.BytesIO(open(path, "rb").read()))).shape[1]
+        assert width == 160 * (1 + k_max + 1 + 2)  # image | CAMs | regions | pseudo mask | ground truth
 
 
 @pytest.mark.slow

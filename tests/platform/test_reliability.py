@@ -151,9 +151,10 @@ def _grep_tree(root: Path, needles: list[bytes]) -> list[str]:
 
 
 @pytest.mark.slow  # ~3 min: a labeling job, a sweep, a training and a prediction on S3
-def test_no_secret_in_anything_labeling_sweep_training_and_prediction_write(s3_bucket, ray_local, tmp_path, monkeypatch, capfd):
+def test_no_secret_in_anything_labeling_sweep_training_prediction_and_review_write(s3_bucket, ray_local, tmp_path, monkeypatch,
+                                                                                  capfd):
     """Everything written (S3 outputs, Tune state, MLflow store and artifacts, Ray's session logs,
-    the terminal) is grepped for the access key and secret in use: no hit."""
+    the terminal; a review export and its import too) is grepped for the access key and secret in use: no hit."""
     import s3fs
     from ray._private import worker
 
@@ -184,6 +185,10 @@ def test_no_secret_in_anything_labeling_sweep_training_and_prediction_write(s3_b
     assert run_predict(build_config(PredictConfig, {}, [
         f"checkpoint={trained.checkpoint}", f"dataset.uri={s3_bucket}/voc", f"output={s3_bucket}/pred",
         "tracking.experiment=secret-grep"])).failed == 0
+    from wsss_platform.handoff.job import ExportConfig, ImportConfig, run_export, run_import
+
+    run_export(ExportConfig(f"{s3_bucket}/labels", "cvat", f"{s3_bucket}/review"))  # and the table on its run
+    run_import(ImportConfig("cvat", f"{s3_bucket}/review/cvat.zip", f"{s3_bucket}/labels", output=f"{s3_bucket}/reviewed"))
 
     needles = [TEST_KEY.encode(), TEST_SECRET.encode()]
     fs = s3fs.S3FileSystem()

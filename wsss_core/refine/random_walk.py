@@ -134,6 +134,7 @@ class RandomWalk:
     needs: ClassVar[frozenset[str]] = frozenset()
     needs_image: ClassVar[bool] = True
     image_aux_inputs: ClassVar[tuple[str, ...]] = ("checkpoint", "radius")
+    image_aux_keys: ClassVar[tuple[str, ...]] = ("affinity",)
 
     def __post_init__(self) -> None:
         if self.t < 0 or self.beta <= 0:

@@ -128,6 +128,7 @@ class RegionMerge:
     needs: ClassVar[frozenset[str]] = frozenset()
     needs_image: ClassVar[bool] = True
     image_aux_inputs: ClassVar[tuple[str, ...]] = ("proposer",)  # and its settings: the proposals depend on nothing else
+    image_aux_keys: ClassVar[tuple[str, ...]] = ("regions",)
 
     def __post_init__(self) -> None:
         if not (0 < self.inside <= 1 and 0 < self.cover <= 1):

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wsss_core.metrics import ConfusionMatrix
+from wsss_core.registry import REFINERS, create_refiner
 from wsss_platform import outputs, storage
 from wsss_platform.config import flatten
 from wsss_platform.console import Progress, quiet_ray
@@ -33,7 +34,7 @@ from wsss_platform.datasets import Dataset, keep_index, open_indexed
 from wsss_platform.datasets.base import decode_mask
 from wsss_platform.label.actors import Labeler, Loader, LoadingLabeler, memory_per_actor
 from wsss_platform.label.config import LabelConfig
-from wsss_platform.label.stages import check_model_paths, check_stages, class_set
+from wsss_platform.label.stages import check_model_paths, check_stages, class_set, refiner_kwargs
 from wsss_platform.ownership import OutputLock, fingerprint, refuse_changed
 from wsss_platform.preview import PreviewRow, grid, iou_chart
 from wsss_platform.ray_utils import (
@@ -236,6 +237,10 @@ def _label(cfg: LabelConfig, ds: Dataset, todo: list[str], summary: LabelSummary
 def _preview(cfg: LabelConfig, ds: Dataset, manifest: pa.Table) -> bytes | None:
     done = [r for r in manifest.select(["image_id", "status"]).to_pylist() if r["status"] == "done"]
     names = ["background", *ds.classes.names]
+    # a refiner whose image stage gives regions runs that stage again on the driver for these few images;
+    # the actors' proposals are not kept (a SAM mask set is as large as ~100 pseudo masks)
+    stages = [create_refiner(n, **refiner_kwargs(cfg, n)) for n in cfg.refine
+              if "regions" in getattr(REFINERS.get(n), "image_aux_keys", ())]
     rows = []
     for r in done[: cfg.tracking.preview_images]:
         row = ds.load(r["image_id"])
@@ -245,7 +250,9 @@ def _preview(cfg: LabelConfig, ds: Dataset, manifest: pa.Table) -> bytes | None:
         else:
             data = outputs.decode_cams(storage.read_bytes(outputs.cams_uri(cfg.output, r["image_id"]), cfg.dataset.storage))
             cams, labels = data["cams"].astype(np.float32), data["labels"].tolist()
-        rows.append(PreviewRow(r["image_id"], row.image, cams, [names[int(c)] for c in labels], mask, row.mask))
+        regions = [a["regions"].numpy() for s in stages for a in s.image_aux([row.image]) if "regions" in a]
+        rows.append(PreviewRow(r["image_id"], row.image, cams, [names[int(c)] for c in labels], mask, row.mask,
+                               regions[0] if regions else None))
     return grid(rows) if rows else None
 
 

@@ -19,9 +19,6 @@ def test_label_with_caa_then_regions(where, tmp_path, ray_local, monkeypatch, re
     """Every mask written and scored; with ``cache: full`` the masks are rebuilt from the cache by the
     core pipeline (proposals made again from the images) and give the same scores. The run's preview
     has a cell of the regions between the CAMs and the pseudo mask."""
-    import io
-
-    import numpy as np
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
@@ -37,12 +34,17 @@ def test_label_with_caa_then_regions(where, tmp_path, ray_local, monkeypatch, re
     if where == "local":
         settings = json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
         assert settings["refine"] == ["caa", "regions"] and settings["regions"]["felzenszwalb"]["scale"] == 50
+        import pyarrow.parquet as pq
+
         from wsss_platform import outputs
 
-        k_max = max(len(outputs.decode_cams((tmp_path / "out" / "cams" / f).read_bytes())["labels"])
-                    for f in sorted((tmp_path / "out" / "cams").iterdir()))
+        shown = [r["image_id"] for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+                 if r["status"] == "done"][: cfg.tracking.preview_images]
+        k_max = max(len(outputs.decode_cams((tmp_path / "out" / "cams" / f"{i}.npz").read_bytes())["labels"])
+                    for i in shown)
         path = MlflowClient().download_artifacts(summary.run_id, "preview.png", str(tmp_path))
-        width = np.asarray(Image.open(io.BytesIO(open(path, "rb").read()))).shape[1]
+        with Image.open(path) as im:
+            width = im.size[0]
         assert width == 160 * (1 + k_max + 1 + 2)  # image | CAMs | regions | pseudo mask | ground truth
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from wsss_core.masks import confidence
-from wsss_core.regions import pack_layers
+from wsss_core.regions import LAYERS_KEY, pack_layers
 from wsss_core.registry import PROPOSERS, REFINERS
 
 
@@ -128,7 +128,7 @@ class RegionMerge:
     needs: ClassVar[frozenset[str]] = frozenset()
     needs_image: ClassVar[bool] = True
     image_aux_inputs: ClassVar[tuple[str, ...]] = ("proposer",)  # and its settings: the proposals depend on nothing else
-    image_aux_keys: ClassVar[tuple[str, ...]] = ("regions",)
+    image_aux_keys: ClassVar[tuple[str, ...]] = (LAYERS_KEY,)
 
     def __post_init__(self) -> None:
         if not (0 < self.inside <= 1 and 0 < self.cover <= 1):
@@ -142,13 +142,13 @@ class RegionMerge:
 
     def image_aux(self, images: Sequence[np.ndarray]) -> list[dict[str, torch.Tensor]]:
         """uint8 [H, W, 3] images -> per image ``{"regions": int32 [L, H, W]}``."""
-        return [{"regions": pack_layers(self.proposer.propose(np.asarray(im)))} for im in images]
+        return [{LAYERS_KEY: pack_layers(self.proposer.propose(np.asarray(im)))} for im in images]
 
     def __call__(self, maps: list[torch.Tensor], aux: Sequence[Mapping[str, torch.Tensor]],
                  images: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]:
-        layers = [a.get("regions") for a in aux]
+        layers = [a.get(LAYERS_KEY) for a in aux]
         if any(v is None for v in layers):
             if images is None:
                 raise ValueError("regions needs the images (or their cached regions)")
-            layers = [a["regions"] for a in self.image_aux(images)]
+            layers = [a[LAYERS_KEY] for a in self.image_aux(images)]
         return [region_merge(p, v, self.inside, self.cover).to(p.dtype) for p, v in zip(maps, layers, strict=True)]

@@ -32,6 +32,11 @@ class RegionProposer(Protocol):
         ...
 
 
+LAYERS_KEY = "regions"
+"""The image-aux key under which a staged refiner gives its regions as layers (:func:`pack_layers`);
+a preview draws them whatever the refiner."""
+
+
 def pack_layers(masks: torch.Tensor) -> torch.Tensor:
     """bool [R, H, W] -> int32 [L, H, W]: each mask, in order, goes to the first layer where it
     overlaps no mask already there (so a partition packs into one layer); its id is its index."""

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wsss_core.metrics import ConfusionMatrix
+from wsss_core.regions import LAYERS_KEY
 from wsss_core.registry import REFINERS, create_refiner
 from wsss_platform import outputs, storage
 from wsss_platform.config import flatten
@@ -240,7 +241,7 @@ def _preview(cfg: LabelConfig, ds: Dataset, manifest: pa.Table) -> bytes | None:
     # a refiner whose image stage gives regions runs that stage again on the driver for these few images;
     # the actors' proposals are not kept (a SAM mask set is as large as ~100 pseudo masks)
     stages = [create_refiner(n, **refiner_kwargs(cfg, n)) for n in cfg.refine
-              if "regions" in getattr(REFINERS.get(n), "image_aux_keys", ())]
+              if LAYERS_KEY in getattr(REFINERS.get(n), "image_aux_keys", ())]
     rows = []
     for r in done[: cfg.tracking.preview_images]:
         row = ds.load(r["image_id"])
@@ -250,7 +251,7 @@ def _preview(cfg: LabelConfig, ds: Dataset, manifest: pa.Table) -> bytes | None:
         else:
             data = outputs.decode_cams(storage.read_bytes(outputs.cams_uri(cfg.output, r["image_id"]), cfg.dataset.storage))
             cams, labels = data["cams"].astype(np.float32), data["labels"].tolist()
-        regions = [a["regions"].numpy() for s in stages for a in s.image_aux([row.image]) if "regions" in a]
+        regions = [a[LAYERS_KEY].numpy() for s in stages for a in s.image_aux([row.image]) if LAYERS_KEY in a]
         rows.append(PreviewRow(r["image_id"], row.image, cams, [names[int(c)] for c in labels], mask, row.mask,
                                regions[0] if regions else None))
     return grid(rows) if rows else None

@@ -75,8 +75,9 @@ def run_export(cfg: ExportConfig, log=print) -> ExportSummary:
     refuse_existing(out, (*fmt.files, "review.parquet", "export.json"), cfg.overwrite, cfg.options)
     src = open_output(cfg.source, cfg.mu, cfg.options)
     against = open_output(cfg.against, cfg.mu, cfg.options) if cfg.against else None
-    try:
-        image_url(src, cfg.image_url, src.done[0]) if src.done else None
+    try:  # a bad template fails here, not after every image was read
+        if src.done:
+            image_url(src, cfg.image_url, src.done[0])
     except (KeyError, IndexError) as e:
         raise ValueError(f"--image-url: {cfg.image_url!r} names {e}; use {{uri}}, {{path}} or {{id}}") from None
     log(f"[wsss export] {src.uri} ({src.kind}): {len(src.done)} images, {len(src.failed)} failed (left out); "
@@ -130,18 +131,20 @@ class ImportSummary:
     miou: float
 
 
-def read_corrections(cfg: ImportConfig, src: MaskOutput) -> dict[str, np.ndarray]:
-    """What people drew, checked against the labeling output: known images, the same sizes."""
+def read_corrections(cfg: ImportConfig, src: MaskOutput) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """What people drew, checked against the labeling output (known images, the same sizes): per image
+    the correction and the pseudo mask it corrects."""
     corrections = FORMATS[cfg.format]().read(storage.read_bytes(cfg.source, cfg.options), cfg.source, src.classes)
-    done = set(src.done)
+    done, pairs = set(src.done), {}
     for image_id, mask in corrections.items():
         if image_id not in done:
             raise ValueError(f"--from: {cfg.source}: image {image_id!r} is not a labelled image of {src.uri}")
-        expect = src.mask(image_id).shape
-        if mask.shape != expect:
+        pseudo = src.mask(image_id)
+        if mask.shape != pseudo.shape:
             raise ValueError(f"--from: {cfg.source}: image {image_id} is {mask.shape[1]}x{mask.shape[0]} there but "
-                             f"{expect[1]}x{expect[0]} in {src.uri}; export and import the same images")
-    return corrections
+                             f"{pseudo.shape[1]}x{pseudo.shape[0]} in {src.uri}; export and import the same images")
+        pairs[image_id] = mask, pseudo
+    return pairs
 
 
 def run_import(cfg: ImportConfig, log=print) -> ImportSummary:
@@ -155,12 +158,12 @@ def run_import(cfg: ImportConfig, log=print) -> ImportSummary:
     missing = sorted(set(src.done) - set(src.dataset.ids))
     if missing:
         raise ValueError(f"--dataset: {src.dataset.uri} lacks {len(missing)} images of {src.uri} (e.g. {missing[0]})")
-    corrections = read_corrections(cfg, src)
+    pairs = read_corrections(cfg, src)
+    corrections = {image_id: mask for image_id, (mask, _) in pairs.items()}
     log(f"[wsss import] {len(corrections)} corrected images from {cfg.source}; the other "
         f"{len(src.done) - len(corrections)} keep their pseudo masks from {src.uri} -> {out}")
     cm, changed = ConfusionMatrix(len(src.classes) + 1), []
-    for image_id, mask in corrections.items():
-        pseudo = src.mask(image_id)
+    for mask, pseudo in pairs.values():
         cm.update(pseudo, mask)
         changed.append(changed_share(pseudo, mask) * mask.size)
 
